@@ -1,0 +1,139 @@
+"""CPU/gloo compatibility layer for megatron-core 0.16.1.
+
+megatron-core assumes CUDA in a handful of places that are not about compute. With these
+redirected, ``GPTModel`` (local layer spec) runs at TP>1, the 1F1B schedule runs at PP>1, and
+DDP + the (non-distributed) optimizer step, all under gloo on CPU. That is what lets CI test
+parallel correctness without a GPU, and what lets users run the demo on a laptop.
+
+The redirected touch points:
+  1. ``torch.cuda.current_device()`` (global memory buffer, DDP buffers) -> the CPU device;
+  2. the CUDA RNG tracker's state get/set and ``torch.cuda.manual_seed``
+     (``megatron.core.tensor_parallel.random``) -> the CPU default generator, so that
+     ``tracker.fork()`` still swaps the generator that CPU dropout really uses;
+  3. ``torch.cuda.synchronize`` in pipeline p2p communication -> no-op;
+  4. tensors created with ``device="cuda"`` (pipeline schedules, optimizer, clip_grads) ->
+     a ``TorchFunctionMode`` that maps that device to CPU;
+  5. the default causal mask built on CUDA: callers pass an explicit mask (see ``model.py``).
+Plus gradient clipping, whose megatron-core version asserts ``torch.cuda.FloatTensor`` grads.
+
+``enable()`` refuses to run when CUDA is available: on a GPU machine nothing here is active.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+
+
+def is_enabled() -> bool:
+    return _ENABLED
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    # A bare int device means a CUDA ordinal to torch factory functions.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuDeviceMode(TorchFunctionMode):
+    """Rewrites ``device=`` arguments that name CUDA to the CPU, for every torch call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
+
+
+def _to_cpu_passthrough(tensor_self, *args, **kwargs):
+    # Tensor.cuda() -> stays on CPU.
+    return tensor_self
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip, without its CUDA-type assertion and its fused kernel."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    for param in parameters:
+        grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+        if grad is not None:
+            grad.detach().mul_(clip_coeff)
+
+
+def enable() -> None:
+    """Redirect megatron-core's CUDA touch points to the CPU. Idempotent; no-op with CUDA."""
+    global _ENABLED
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("megatron_pref.cpu.enable() called on a machine with CUDA")
+
+    # megatron-core imports these lazily; import them now so the patches land on the modules.
+    from megatron.core.optimizer import clip_grads as mcore_clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    cpu = torch.device("cpu")
+
+    # 1. The current device is the CPU.
+    torch.cuda.current_device = lambda: cpu
+    torch.cuda.set_device = lambda *a, **k: None
+    torch.cuda.device_count = lambda: 0
+
+    # 2. "CUDA" RNG == the CPU default generator.
+    def get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    mcore_random._get_cuda_rng_state = get_rng_state
+    mcore_random._set_cuda_rng_state = set_rng_state
+
+    # 3. Nothing to synchronise.
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    # 4. device="cuda" -> CPU, and Tensor.cuda() stays put.
+    _CudaToCpuDeviceMode().__enter__()
+    torch.Tensor.cuda = _to_cpu_passthrough
+
+    # Clipping without the CUDA assertion.
+    mcore_clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    _ENABLED = True
+
+
+def enable_if_no_cuda() -> bool:
+    """Enable the CPU layer when there is no GPU; returns True if CPU mode is on."""
+    if torch.cuda.is_available():
+        return False
+    enable()
+    return True
+
+
+@functools.cache
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def limit_threads(default: int = 1) -> None:
+    """Keep each gloo rank to few threads: N ranks x all cores thrash a small machine."""
+    threads = int(os.environ.get("OMP_NUM_THREADS", default))
+    torch.set_num_threads(max(1, threads))

@@ -1,0 +1,297 @@
+"""GPTModel from a config: the architecture dataclass, the layer spec (TE or local), and the
+packed-pair forward (THD with TE, a block-diagonal causal mask on the local spec).
+
+The architecture (``ModelConfig``) is what a checkpoint stores, so ``--load`` alone rebuilds
+the model. Parallel layout and precision (``ParallelConfig``, ``PrecisionConfig``) are run
+choices and are not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style decoder. Flag names follow Megatron-LM (``--hidden-size`` -> hidden_size)."""
+
+    vocab_size: int  # the tokenizer's true vocabulary; padding is derived, never stored here
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # GQA; None = multi-head attention
+    ffn_hidden_size: Optional[int] = None  # None = 4 * hidden_size
+    kv_channels: Optional[int] = None  # head dim; None = hidden_size / heads
+    max_position_embeddings: int = 2048
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = True
+    openai_gelu: bool = False  # tanh-approximated GELU (GPT-2's "gelu_new")
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    use_rope_scaling: bool = False  # Llama-3.x frequency scaling
+    rope_scaling_factor: float = 8.0
+    untie_embeddings_and_output_weights: bool = True
+    add_qkv_bias: bool = False
+    add_bias_linear: bool = False
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of the first inconsistent field."""
+        positive = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads",
+                    "max_position_embeddings", "make_vocab_size_divisible_by")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"--normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        if self.position_embedding_type not in POSITION_EMBEDDINGS:
+            raise ValueError(f"--position-embedding-type must be one of {POSITION_EMBEDDINGS}, "
+                             f"got {self.position_embedding_type!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"--hidden-size {self.hidden_size} is not divisible by "
+                             f"--num-attention-heads {self.num_attention_heads}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                             f"--num-query-groups {groups}")
+        if self.swiglu and self.openai_gelu:
+            raise ValueError("--swiglu and --openai-gelu are exclusive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+
+    def validate_for(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        if world_size is not None and world_size % (tp * pp * self.context_parallel_size):
+            raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                             f"{tp} x --pipeline-model-parallel-size {pp}")
+        vpp = self.virtual_pipeline_model_parallel_size or 1
+        if model.num_layers % (pp * vpp):
+            raise ValueError(f"--num-layers {model.num_layers} is not divisible by "
+                             f"--pipeline-model-parallel-size {pp}" + (f" x virtual {vpp}" if vpp > 1 else ""))
+        if model.num_attention_heads % tp:
+            raise ValueError(f"--num-attention-heads {model.num_attention_heads} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}")
+        groups = model.num_query_groups or model.num_attention_heads
+        if groups % tp:
+            raise ValueError(f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp}")
+        if self.sequence_parallel and tp == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+    fp8_format: Optional[str] = None  # "hybrid" | "e4m3"
+    fp8_recipe: str = "delayed"  # "delayed" | "tensorwise" | "blockwise" | "mxfp8"
+    transformer_impl: str = "local"
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron-LM's padding: a multiple of ``divisible_by * TP``."""
+    multiple = divisible_by * tensor_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def default_transformer_impl() -> str:
+    return "transformer_engine" if te_available() else "local"
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                       use_cpu_initialization: bool = True):
+    """megatron-core's TransformerConfig for this architecture, layout and precision."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if model.swiglu:
+        activation = F.silu
+    elif model.openai_gelu:
+        activation = functools.partial(F.gelu, approximate="tanh")
+    else:
+        activation = F.gelu
+    fp8 = {}
+    if precision.fp8_format:
+        fp8 = dict(fp8=precision.fp8_format, fp8_recipe=precision.fp8_recipe)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size or 4 * model.hidden_size,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=activation,
+        add_qkv_bias=model.add_qkv_bias,
+        add_bias_linear=model.add_bias_linear,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
+        params_dtype=precision.params_dtype,
+        pipeline_dtype=precision.params_dtype,
+        bf16=precision.bf16,
+        # Packs differ in length from one micro-batch to the next.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # the default (allgather) refuses variable lengths
+        # The global pair count, not the micro-batch count, normalises the loss (see step.py).
+        calculate_per_token_loss=True,
+        # TP-invariant initialisation: the full weight is drawn, then split.
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **fp8,
+    )
+
+
+def layer_spec(model: ModelConfig, precision: PrecisionConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if precision.transformer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                    vp_stage: Optional[int] = None):
+    """This pipeline stage's GPTModel. Requires megatron-core parallel state to be initialised."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    model.validate()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    config = transformer_config(model, parallel, precision)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, precision),
+        vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by,
+                                     parallel.tensor_model_parallel_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,  # keep logits vocab-parallel: logprobs.py reduces across TP
+        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        rotary_percent=model.rotary_percent,
+        rotary_base=model.rotary_base,
+        rope_scaling=model.use_rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
+        vp_stage=vp_stage,
+    )
+    gpt.true_vocab_size = model.vocab_size
+    return gpt
+
+
+@dataclass
+class PackedForwardInputs:
+    """What GPTModel.forward takes for one pack, laid out as [batch=1, tokens]."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    packed_seq_params: Optional[object] = None
+    extra: dict = field(default_factory=dict)
+
+
+def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, total_length: int) -> torch.Tensor:
+    """[1, 1, T, T] bool mask, True where attention is *not* allowed (megatron-core convention).
+
+    Token i attends to j iff both lie in the same sequence and j <= i. Padding after the last
+    sequence forms one more segment, so its rows are never empty (softmax stays finite).
+    """
+    device = cu_seqlens.device
+    boundaries = cu_seqlens.to(torch.long)
+    if int(boundaries[-1]) < total_length:
+        boundaries = torch.cat([boundaries, torch.tensor([total_length], device=device)])
+    positions = torch.arange(total_length, device=device)
+    segment = torch.bucketize(positions, boundaries[1:], right=True)
+    same_segment = segment[:, None] == segment[None, :]
+    causal = positions[None, :] <= positions[:, None]
+    return ~(same_segment & causal)[None, None]
+
+
+def packed_forward_inputs(tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                          use_thd: bool) -> PackedForwardInputs:
+    """Inputs that make one pack of whole sequences attend within each sequence only.
+
+    THD (TE): ``PackedSeqParams`` with ``cu_seqlens``; the tail padding becomes its own segment
+    because TE expects the segments to cover every token.
+    Local spec: the same pack with a block-diagonal causal mask. RoPE is relative, so global
+    positions inside a segment give the same scores as restarted ones; learned absolute
+    positions read ``position_ids``, which restart at every sequence.
+    """
+    total = tokens.numel()
+    if use_thd:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        boundaries = cu_seqlens.to(torch.int32)
+        if int(boundaries[-1]) < total:
+            boundaries = torch.cat([boundaries, boundaries.new_tensor([total])])
+        max_len = int((boundaries[1:] - boundaries[:-1]).max())
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=boundaries, cu_seqlens_kv=boundaries,
+                                 max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        return PackedForwardInputs(tokens[None], position_ids[None], None, params)
+    mask = block_diagonal_causal_mask(cu_seqlens, total)
+    return PackedForwardInputs(tokens[None], position_ids[None], mask)

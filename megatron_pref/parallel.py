@@ -1,0 +1,58 @@
+"""Process groups: torch.distributed, megatron-core's parallel state, and the seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+from megatron_pref import cpu
+from megatron_pref.model import ParallelConfig
+
+
+def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> bool:
+    """Initialise torch.distributed (from torchrun's env), megatron-core groups and RNGs.
+
+    Returns True when running in CPU mode (gloo, the CPU compatibility layer on).
+    """
+    from megatron.core import parallel_state
+
+    cpu_mode = cpu.enable_if_no_cuda()
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group(
+            backend=cpu.default_backend(), timeout=timedelta(minutes=timeout_minutes))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+    )
+    seed_everything(seed)
+    return cpu_mode
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: TP-invariant init draws full weights then splits them.
+
+    megatron-core offsets the model-parallel RNG (dropout inside TP regions) by TP rank itself.
+    """
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,169 @@
+"""forward_step / loss_func glue between packed pairs and megatron-core's pipeline schedules.
+
+Every pipeline stage runs ``GPTModel`` on the pack; only the last stage (``post_process``)
+produces vocab-parallel logits, and only there ``loss_func`` turns them into per-token
+log-probs -> per-sequence sums -> per-pair statistics -> the preference loss.
+
+Normalisation. ``loss_func`` returns ``(loss_sum, num_pairs, metric_sums)``. With
+``calculate_per_token_loss=True`` megatron-core back-propagates ``loss_sum`` unscaled and
+``finalize_model_grads`` divides the gradients by the pair count summed over micro-batches and
+all-reduced over data-parallel ranks: the gradient is that of the exact per-pair mean of the
+global batch, whatever the split into micro-batches, packs and ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from megatron_pref.logprobs import DEFAULT_CHUNK_TOKENS, segment_sums, sequence_ids, token_logprobs
+from megatron_pref.model import packed_forward_inputs
+
+
+@dataclass
+class MicroBatch:
+    """One pack as the schedule consumes it (a ``PackedBatch`` plus what the step adds)."""
+
+    pack: object  # megatron_pref.data.packing.PackedBatch
+    ref_chosen_logps: Optional[torch.Tensor] = None  # [P]
+    ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
+    # Global-batch normaliser for token-level terms (SLIME): global pairs / global rejected tokens.
+    pairs_per_rejected_token: Optional[float] = None
+
+
+@dataclass
+class SequenceStats:
+    """Per-pair reductions of one pack's token log-probs."""
+
+    chosen_logps: torch.Tensor  # [P]
+    rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    token_logps: torch.Tensor  # [T]
+    rejected_token_mask: torch.Tensor  # [T] 1.0 on rejected response tokens
+
+
+def pair_statistics(logits: torch.Tensor, pack, true_vocab_size: int,
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceStats:
+    """Token log-probs of one pack's labels, reduced per sequence and arranged per pair.
+
+    One pass over the logits yields everything the losses need, including the rejected
+    tokens' individual log-probs (SLIME's token-level term), so no loss costs a second pass.
+    """
+    logits = logits.reshape(-1, logits.shape[-1])
+    total = logits.shape[0]
+    labels = pack.labels.to(logits.device)
+    loss_mask = pack.loss_mask.to(logits.device, torch.float32)
+    cu_seqlens = pack.cu_seqlens.to(logits.device)
+    token_logps = token_logprobs(logits, labels, true_vocab_size, chunk_tokens)
+    seq_ids = sequence_ids(cu_seqlens, total)
+    sums, counts = segment_sums(token_logps, loss_mask, cu_seqlens, seq_ids)
+
+    num_pairs = pack.pair_ids.numel()
+    pair_index = pack.seq_pair_index.to(logits.device)
+    is_chosen = pack.seq_is_chosen.to(logits.device, torch.float32)
+
+    def per_pair(values, weight):
+        return values.new_zeros(num_pairs).index_add(0, pair_index, values * weight)
+
+    # Padding tokens carry sequence id S: extend the flag with a 0 for them.
+    is_rejected_token = torch.cat([1.0 - is_chosen, is_chosen.new_zeros(1)])[seq_ids] * loss_mask
+    return SequenceStats(
+        chosen_logps=per_pair(sums, is_chosen),
+        rejected_logps=per_pair(sums, 1.0 - is_chosen),
+        chosen_lengths=per_pair(counts, is_chosen),
+        rejected_lengths=per_pair(counts, 1.0 - is_chosen),
+        token_logps=token_logps,
+        rejected_token_mask=is_rejected_token,
+    )
+
+
+def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch):
+    """The losses module's ``PairStats`` for one micro-batch."""
+    from megatron_pref.losses import PairStats
+
+    pack = micro.pack
+    device = stats.chosen_logps.device
+
+    def optional(t):
+        return None if t is None else t.to(device, torch.float32)
+
+    return PairStats(
+        chosen_logps=stats.chosen_logps,
+        rejected_logps=stats.rejected_logps,
+        chosen_lengths=stats.chosen_lengths,
+        rejected_lengths=stats.rejected_lengths,
+        ref_chosen_logps=optional(micro.ref_chosen_logps),
+        ref_rejected_logps=optional(micro.ref_rejected_logps),
+        score_chosen=optional(getattr(pack, "score_chosen", None)),
+        score_rejected=optional(getattr(pack, "score_rejected", None)),
+        rejected_token_logps=stats.token_logps,
+        rejected_token_mask=stats.rejected_token_mask,
+        pairs_per_rejected_token=micro.pairs_per_rejected_token,
+    )
+
+
+def preference_loss_func(output_tensor, micro: MicroBatch, loss_name: str, loss_config,
+                         true_vocab_size: int, chunk_tokens: int):
+    """Last stage: logits -> (loss_sum, num_pairs, metric sums over this micro-batch's pairs)."""
+    from megatron_pref.losses import compute_loss
+
+    stats = pair_statistics(output_tensor, micro.pack, true_vocab_size, chunk_tokens)
+    out = compute_loss(loss_name, pair_stats_for_loss(stats, micro), loss_config)
+    num_pairs = torch.tensor(micro.pack.pair_ids.numel(), dtype=torch.int, device=out.loss_sum.device)
+    metric_sums = {name: value.detach().float().sum() for name, value in out.metrics.items()}
+    metric_sums["loss"] = out.loss_sum.detach().float()
+    return out.loss_sum, num_pairs, metric_sums
+
+
+def logps_loss_func(output_tensor, micro: MicroBatch, true_vocab_size: int, chunk_tokens: int):
+    """Forward-only passes (reference log-probs, evaluation): per-pair log-probs, no loss."""
+    stats = pair_statistics(output_tensor, micro.pack, true_vocab_size, chunk_tokens)
+    zero = stats.chosen_logps.sum() * 0.0
+    num_pairs = torch.tensor(micro.pack.pair_ids.numel(), dtype=torch.int, device=zero.device)
+    return zero, num_pairs, {
+        "pair_ids": micro.pack.pair_ids,
+        "chosen_logps": stats.chosen_logps.detach(),
+        "rejected_logps": stats.rejected_logps.detach(),
+        "chosen_lengths": stats.chosen_lengths.detach(),
+        "rejected_lengths": stats.rejected_lengths.detach(),
+    }
+
+
+def model_forward(model, pack, use_thd: bool):
+    """Run this stage's GPTModel on one pack (inputs on the model's device)."""
+    device = next(model.parameters()).device
+    inputs = packed_forward_inputs(pack.tokens.to(device), pack.position_ids.to(device),
+                                   pack.cu_seqlens.to(device), use_thd)
+    return model(inputs.input_ids, inputs.position_ids, inputs.attention_mask,
+                 packed_seq_params=inputs.packed_seq_params)
+
+
+def make_forward_step(loss_func_factory: Callable[[MicroBatch], Callable], use_thd: bool):
+    """A megatron-core ``forward_step_func(data_iterator, model)`` for packs of whole pairs."""
+
+    def forward_step(data_iterator: Iterator[MicroBatch], model):
+        micro = next(data_iterator)
+        output = model_forward(model, micro.pack, use_thd)
+        return output, loss_func_factory(micro)
+
+    return forward_step
+
+
+def preference_forward_step(loss_name: str, loss_config, true_vocab_size: int, use_thd: bool,
+                            chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    return make_forward_step(
+        lambda micro: partial(preference_loss_func, micro=micro, loss_name=loss_name,
+                              loss_config=loss_config, true_vocab_size=true_vocab_size,
+                              chunk_tokens=chunk_tokens),
+        use_thd)
+
+
+def logps_forward_step(true_vocab_size: int, use_thd: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+    return make_forward_step(
+        lambda micro: partial(logps_loss_func, micro=micro, true_vocab_size=true_vocab_size,
+                              chunk_tokens=chunk_tokens),
+        use_thd)

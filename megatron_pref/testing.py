@@ -1,0 +1,76 @@
+"""Run a function on N gloo ranks (CPU), each with megatron-core's parallel state set up.
+
+Used by the test-suite's ``distributed`` fixture. Ranks are forked, not spawned: they inherit
+the already-imported torch and megatron-core (spawning re-imports them, ~4 s a rank).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+
+from megatron_pref.model import ParallelConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, parallel, seed, fn, args, results):
+    from megatron_pref import parallel as mp_parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        torch.set_num_threads(1)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+        mp_parallel.initialize(parallel, seed)
+        value = fn(*args)
+        results.put((rank, "ok", value))
+    except BaseException:  # report every failure to the parent, which raises it
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            mp_parallel.destroy()
+        except Exception:
+            pass
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, parallel: ParallelConfig | None = None,
+                 *args, seed: int = 1234, timeout: float = 300.0) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
+
+    ``fn`` and its results must be picklable (tensors are fine).
+    """
+    parallel = parallel or ParallelConfig()
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, parallel, seed, fn, args, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    collected: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, status, value = results.get(timeout=timeout)
+            if status == "error":
+                errors.append(f"rank {rank}:\n{value}")
+                break
+            collected[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("distributed test failed on " + "\n".join(errors))
+    return [collected[r] for r in range(world_size)]

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-pref",
+    version="0.1.0",
+    description="Preference optimisation (DPO family, SPO, SLIME) at pretraining scale on megatron-core",
+    packages=find_packages(include=["megatron_pref", "megatron_pref.*"]),
+    package_data={"megatron_pref": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        "numpy",
+        "psutil",  # dist_checkpointing's async writer needs it
+        "tqdm",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "pyarrow",
+        "transformers",
+    ],
+    extras_require={
+        "logging": ["tensorboard", "wandb"],
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest"],
+    },
+)
