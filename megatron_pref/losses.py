@@ -1,0 +1,655 @@
+"""Pairwise preference-optimisation losses (DPO family, SPO, SLIME, SimPO, ORPO, SFT).
+
+Every loss consumes a :class:`PairStats` (per-pair sequence statistics of one
+micro-batch, computed by the model side) and a :class:`LossConfig` (all
+hyperparameters) and returns a :class:`LossOutput`.
+
+Normalisation contract (the one rule every loss here obeys)
+-----------------------------------------------------------
+``LossOutput.loss_sum`` is this micro-batch's *additive* contribution. The
+global-batch loss is::
+
+    sum(loss_sum over all micro-batches and data-parallel ranks) / global_pair_count
+
+so the objective does not depend on how pairs are split into micro-batches,
+packs or ranks. For per-pair losses ``loss_sum = pair_losses.sum()``. SLIME also
+has a token-level term averaged over *all rejected tokens of the global batch*;
+it is made additive by scaling the local token sum with
+``pairs_per_rejected_token = global_pairs / global_rejected_tokens`` (see
+:func:`slime_loss`). Metrics follow the same rule: per-pair ``[P]`` tensors that
+the caller sums and divides by the global pair count.
+
+Notation: ``logp(y)`` is the sum of token log-probs over the response tokens
+only, ``len(y)`` the response token count, ``lbar = logp / len``,
+``rho = logp_policy - logp_ref`` and ``h = rho_chosen - rho_rejected``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PairStats",
+    "LossConfig",
+    "LossOutput",
+    "LOSSES",
+    "REFERENCE_LOSSES",
+    "SPO_SHAPES",
+    "compute_loss",
+    "requires_reference",
+    "dpo_loss",
+    "ipo_loss",
+    "hinge_loss",
+    "spo_loss",
+    "spo_target",
+    "slime_loss",
+    "simpo_loss",
+    "orpo_loss",
+    "sft_loss",
+]
+
+
+# --------------------------------------------------------------------------- #
+# Data classes
+# --------------------------------------------------------------------------- #
+@dataclass
+class PairStats:
+    """Per-pair statistics of one micro-batch; all tensors 1-D over its P pairs, fp32.
+
+    ``rejected_token_logps`` ([N], flat over every rejected response token of the
+    micro-batch) and ``pairs_per_rejected_token`` are only used by SLIME.
+    With ``rejected_token_mask`` ([T], 1.0 on rejected response tokens), the
+    log-probs may instead be those of every token of a pack ([T]): only masked
+    tokens count. The training step uses this form, which needs no boolean
+    indexing (a host-device sync).
+    ``pairs_per_rejected_token`` must be ``global_pairs / global_rejected_tokens``
+    of the GLOBAL batch for split-invariant normalisation; when omitted the local
+    ratio ``P / N`` is used (exact only when the whole global batch is one
+    micro-batch).
+    """
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    ref_chosen_logps: Optional[Tensor] = None
+    ref_rejected_logps: Optional[Tensor] = None
+    score_chosen: Optional[Tensor] = None
+    score_rejected: Optional[Tensor] = None
+    rejected_token_logps: Optional[Tensor] = None
+    rejected_token_mask: Optional[Tensor] = None
+    pairs_per_rejected_token: Optional[Union[float, Tensor]] = None
+
+
+@dataclass
+class LossConfig:
+    """Every loss hyperparameter. Field names become CLI flags (``_`` -> ``-``)."""
+
+    # Shared inverse temperature. DPO/IPO/hinge/SPO: KL strength. SimPO: reward
+    # scale (the SimPO paper uses beta ~ 2-2.5, pass --beta explicitly). Also the
+    # scale of the logged rewards of the reference-free losses.
+    beta: float = 0.1
+    # Conservative DPO (cDPO): assumed probability that a label is flipped. DPO only.
+    label_smoothing: float = 0.0
+    # SPO: constant target for beta*h when no scores are used (z = beta*h / target).
+    spo_target_margin: float = 1.0
+    # SPO: per-pair target = score_chosen - score_rejected.
+    spo_target_from_scores: bool = False
+    # SPO: positive score gaps below this are raised to it (keeps z finite);
+    # pairs with a gap <= 0 are skipped (zero loss, still counted as pairs).
+    spo_min_target: float = 0.1
+    # SPO: shape function name in SPO_SHAPES.
+    spo_shape: str = "exp"
+    # SPO: below this z the exp shape continues along its tangent line, so an
+    # extremely inverted pair yields a large but finite (never inf/NaN) loss/grad.
+    spo_z_floor: float = -20.0
+    # SLIME (paper defaults; the authors' code uses slime_lambda_l = 0.0005).
+    slime_lambda_w: float = 0.1
+    slime_lambda_l: float = 0.1
+    slime_lambda_d: float = 1.0
+    slime_delta: float = 1.25
+    slime_margin_hard: float = 1.5
+    slime_margin_soft: float = 1.0
+    slime_kappa: float = 2.5
+    slime_power: float = 2.5
+    # SimPO target reward margin gamma (TRL default 0.5).
+    simpo_gamma: float = 0.5
+    # ORPO weight of the odds-ratio term (paper/TRL default 0.1).
+    orpo_lambda: float = 0.1
+    # RPO-style extra NLL of the chosen response (per-token averaged), any loss.
+    sft_weight: float = 0.0
+
+    def validate(self) -> "LossConfig":
+        """Raise ``ValueError`` naming the offending argument; returns self."""
+
+        def bad(name: str, why: str) -> ValueError:
+            flag = "--" + name.replace("_", "-")
+            return ValueError(f"LossConfig.{name} ({flag}) {why}; got {getattr(self, name)!r}")
+
+        # NaN / inf first, for every numeric field, so each later check is a plain comparison.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise bad(f.name, "must be a number")
+                if not math.isfinite(value):
+                    raise bad(f.name, "must be finite (not NaN/inf)")
+        if not isinstance(self.spo_target_from_scores, bool):
+            raise bad("spo_target_from_scores", "must be a bool")
+
+        if self.beta <= 0:
+            raise bad("beta", "must be > 0")
+        if not 0.0 <= self.label_smoothing <= 0.5:
+            raise bad("label_smoothing", "must be in [0, 0.5]")
+        if self.spo_target_margin <= 0:
+            raise bad("spo_target_margin", "must be > 0")
+        if self.spo_min_target <= 0:
+            raise bad("spo_min_target", "must be > 0")
+        if self.spo_shape not in SPO_SHAPES:
+            raise bad("spo_shape", f"must be one of {sorted(SPO_SHAPES)}")
+        if self.spo_z_floor >= 1:
+            raise bad("spo_z_floor", "must be < 1 (the SPO optimum is at z = 1)")
+        for name in ("slime_lambda_w", "slime_lambda_l", "slime_lambda_d", "slime_kappa"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if self.slime_power <= 0:
+            raise bad("slime_power", "must be > 0")
+        if self.orpo_lambda < 0:
+            raise bad("orpo_lambda", "must be >= 0")
+        if self.sft_weight < 0:
+            raise bad("sft_weight", "must be >= 0")
+        return self
+
+
+@dataclass
+class LossOutput:
+    """Result of one loss on one micro-batch (see the module docstring for normalisation)."""
+
+    loss_sum: Tensor  # scalar, additive over micro-batches and ranks; divide by global pairs
+    pair_losses: Tensor  # [P], excludes SLIME's token-level term
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # [P] each, detached
+
+
+# --------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------- #
+def _avg(logps: Tensor, lengths: Tensor) -> Tensor:
+    """Per-token average log-prob ``lbar = logp / len``."""
+    return logps / lengths
+
+
+def _log_ratios(stats: PairStats) -> tuple[Tensor, Tensor]:
+    """``rho_chosen, rho_rejected`` (sequence-level policy/reference log-ratios)."""
+    return (
+        stats.chosen_logps - stats.ref_chosen_logps,
+        stats.rejected_logps - stats.ref_rejected_logps,
+    )
+
+
+def _metrics(stats: PairStats, reward_chosen: Tensor, reward_rejected: Tensor) -> dict[str, Tensor]:
+    """TRL-named per-pair metrics; detached so logging never touches the graph."""
+    rc, rr = reward_chosen.detach(), reward_rejected.detach()
+    return {
+        "rewards/chosen": rc,
+        "rewards/rejected": rr,
+        "rewards/accuracies": (rc > rr).to(rc.dtype),
+        "rewards/margins": rc - rr,
+        "logps/chosen": stats.chosen_logps.detach(),
+        "logps/rejected": stats.rejected_logps.detach(),
+    }
+
+
+def _reference_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor]:
+    """Implicit DPO rewards ``beta * (logp - ref_logp)`` (sequence level)."""
+    rho_c, rho_r = _log_ratios(stats)
+    return _metrics(stats, config.beta * rho_c, config.beta * rho_r)
+
+
+def _reference_free_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor]:
+    """Rewards ``beta * lbar`` (average log-prob), as TRL's CPO/SimPO/ORPO trainers log them."""
+    return _metrics(
+        stats,
+        config.beta * _avg(stats.chosen_logps, stats.chosen_lengths),
+        config.beta * _avg(stats.rejected_logps, stats.rejected_lengths),
+    )
+
+
+def _output(pair_losses: Tensor, metrics: dict[str, Tensor]) -> LossOutput:
+    return LossOutput(loss_sum=pair_losses.sum(), pair_losses=pair_losses, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- #
+# Reference-based losses
+# --------------------------------------------------------------------------- #
+def dpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290), with conservative DPO (cDPO).
+
+    ``L = -(1 - eps) * log sigmoid(beta*h) - eps * log sigmoid(-beta*h)``,
+    ``eps = label_smoothing`` (eps = 0 is plain DPO). cDPO treats each label as
+    flipped with probability eps, so the loss is the expected DPO loss under
+    label noise and no longer pushes ``h`` to infinity when eps > 0.
+    """
+    rho_c, rho_r = _log_ratios(stats)
+    logits = config.beta * (rho_c - rho_r)
+    eps = config.label_smoothing
+    # logsigmoid is the numerically stable form of log(sigmoid(x)).
+    losses = -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def ipo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """IPO (Azar et al. 2023, arXiv:2310.12036).
+
+    ``L = (hbar - 1/(2*beta))^2`` with per-token-averaged log-ratios, as Hugging
+    Face TRL implements it:
+    ``hbar = (logp_c/len_c - ref_c/len_c) - (logp_r/len_r - ref_r/len_r)``.
+    The squared loss regresses the log-ratio gap onto a finite target instead of
+    maximising it; averaging per token keeps that target length independent.
+    """
+    hbar = _avg(stats.chosen_logps - stats.ref_chosen_logps, stats.chosen_lengths) - _avg(
+        stats.rejected_logps - stats.ref_rejected_logps, stats.rejected_lengths
+    )
+    losses = (hbar - 1.0 / (2.0 * config.beta)) ** 2
+    metrics = _reference_metrics(stats, config)
+    metrics["ipo/hbar"] = hbar.detach()
+    return _output(losses, metrics)
+
+
+def hinge_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """SLiC-style hinge loss (Zhao et al. 2023, arXiv:2305.10425): ``L = relu(1 - beta*h)``."""
+    rho_c, rho_r = _log_ratios(stats)
+    losses = torch.relu(1.0 - config.beta * (rho_c - rho_r))
+    return _output(losses, _reference_metrics(stats, config))
+
+
+# ---- SPO ------------------------------------------------------------------- #
+_INV_E = math.exp(-1.0)
+
+
+def _spo_shape_exp(z: Tensor, config: LossConfig) -> Tensor:
+    """SPO core function, shifted to minimum 0: ``L(z) = -z * exp(-z) + 1/e``.
+
+    ``L'(z) = (z - 1) * exp(-z)``: zero at z = 1 (the target), negative for
+    z < 1, positive but vanishing for z > 1, and ``(1 - z) * e^{-z}`` growing
+    exponentially for inverted pairs (z < 0).
+
+    Below ``z0 = config.spo_z_floor`` the function continues along its tangent
+    at z0 (value and slope continuous), so fp32 never overflows; the exact
+    branch is evaluated at ``max(z, z0)`` so ``torch.where`` cannot leak inf/NaN
+    gradients from the unused branch.
+    """
+    z0 = config.spo_z_floor
+    zc = z.clamp(min=z0)
+    exact = -zc * torch.exp(-zc) + _INV_E
+    f_z0 = -z0 * math.exp(-z0) + _INV_E
+    df_z0 = (z0 - 1.0) * math.exp(-z0)
+    tangent = f_z0 + df_z0 * (z - z0)
+    return torch.where(z >= z0, exact, tangent)
+
+
+#: SPO shape functions ``(z, config) -> per-pair loss``, each with its minimum 0 at z = 1.
+#: Register an alternative here and select it with ``--spo-shape``.
+SPO_SHAPES: dict[str, Callable[[Tensor, LossConfig], Tensor]] = {"exp": _spo_shape_exp}
+
+
+def spo_target(stats: PairStats, config: LossConfig) -> tuple[Tensor, Tensor]:
+    """Per-pair SPO target for ``beta*h`` and a mask of pairs that take part.
+
+    * ``spo_target_from_scores``: target = ``score_chosen - score_rejected`` (the
+      reward margin, see :func:`spo_loss`). Policy for bad gaps:
+
+      - gap <= 0 (tie or scores contradict the labels): the pair carries no
+        usable preference, so it is **skipped** (mask False, zero loss). It still
+        counts in the global pair count, keeping the normalisation split-invariant.
+      - 0 < gap < ``spo_min_target``: raised to ``spo_min_target`` so that
+        ``z = beta*h / target`` cannot blow up for near-ties.
+    * otherwise: the constant ``spo_target_margin`` for every pair.
+    """
+    ref = stats.chosen_logps
+    if config.spo_target_from_scores:
+        if stats.score_chosen is None or stats.score_rejected is None:
+            raise ValueError(
+                "spo_target_from_scores is set but PairStats.score_chosen/score_rejected are missing"
+            )
+        gap = (stats.score_chosen - stats.score_rejected).to(ref.dtype)
+        # Scores are data, not parameters: never differentiate through the target.
+        gap = gap.detach()
+        valid = gap > 0
+        return gap.clamp(min=config.spo_min_target), valid
+    target = torch.full_like(ref, config.spo_target_margin).detach()
+    return target, torch.ones_like(ref, dtype=torch.bool)
+
+
+def spo_loss(
+    stats: PairStats,
+    config: LossConfig,
+    *,
+    shape: Optional[Callable[[Tensor, LossConfig], Tensor]] = None,
+    target: Optional[Callable[[PairStats, LossConfig], tuple[Tensor, Tensor]]] = None,
+) -> LossOutput:
+    """SPO, "A Stable and Principled Loss Function for Direct Language Model Alignment"
+    (arXiv:2508.07137) -- a RECONSTRUCTION.
+
+    The paper body was not available: this implementation is rebuilt from its
+    abstract and its core function ``f(z) = -z * exp(-z)``. What is certain is
+    the idea: replace DPO's unbounded maximisation of ``h`` by a finite target
+    dictated by the reward.
+
+    Derivation. The KL-regularised RLHF objective
+    ``max_pi E[r(x, y)] - beta * KL(pi || pi_ref)`` has the optimum
+    ``pi*(y|x) = pi_ref(y|x) exp(r(x, y)/beta) / Z(x)``, i.e.
+    ``r(x, y) = beta * log(pi*/pi_ref) + beta * log Z(x)``. ``Z(x)`` cancels in a
+    pair, so at the optimum ``beta * h* = r(x, y_w) - r(x, y_l) = Delta r``: the
+    optimal log-ratio gap is finite. DPO's ``-log sigmoid(beta*h)`` has gradient
+    ``-beta * sigmoid(-beta*h) != 0`` for every finite h, so it keeps pushing h
+    past ``h*`` (over-optimisation, likelihood collapse). SPO normalises
+    ``z = beta * h / target`` with ``target = Delta r`` so the optimum sits at
+    z = 1, and uses a shape with its minimum there:
+    ``f'(z) = (z - 1) e^{-z}`` vanishes only at z = 1 (f''(1) = 1/e > 0, a
+    minimum), the pull back for z > 1 decays to 0 (bounded, stable), and
+    inverted pairs (z < 0) get an exponentially large push. We minimise
+    ``L = f(z) + 1/e`` so the minimum is 0.
+
+    ``L`` is the shape ``config.spo_shape`` from :data:`SPO_SHAPES` (or ``shape``)
+    evaluated at ``z``; the target comes from :func:`spo_target` (or ``target``),
+    so either can be swapped independently. Skipped pairs contribute 0.
+    """
+    shape_fn = shape if shape is not None else SPO_SHAPES[config.spo_shape]
+    target_fn = target if target is not None else spo_target
+    tgt, valid = target_fn(stats, config)
+    rho_c, rho_r = _log_ratios(stats)
+    z = config.beta * (rho_c - rho_r) / tgt
+    per_pair = shape_fn(z, config)
+    # where (not multiply) so a skipped pair can never inject inf*0 = NaN.
+    losses = torch.where(valid, per_pair, torch.zeros_like(per_pair))
+    metrics = _reference_metrics(stats, config)
+    metrics["spo/z"] = z.detach()
+    metrics["spo/target"] = tgt.detach()
+    metrics["spo/skipped"] = (~valid).to(z.dtype)
+    return _output(losses, metrics)
+
+
+# --------------------------------------------------------------------------- #
+# Reference-free losses
+# --------------------------------------------------------------------------- #
+def slime_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """SLIME (arXiv:2602.02383), reference free.
+
+    ``L = -lw * lbar_w``                                                (anchor)
+    ``  + ll * mean_{t in rejected tokens} softplus(-logp(t) - delta)^p``  (stabiliser)
+    ``  + ld * max(0, mh - D) * sigmoid(-kappa * (D - ms))``            (margin)
+    with ``D = lbar_w - lbar_l``.
+
+    * anchor: keeps the chosen likelihood up (no likelihood displacement);
+    * stabiliser: token-level, penalises rejected tokens whose NLL exceeds
+      delta, so rejected responses are not driven to -inf log-prob;
+    * margin: a hinge to ``mh`` softly gated around ``ms``; it is exactly 0 once
+      ``D >= mh`` (e.g. 1.5 * sigmoid(2.5) = 1.386 at D = 0, 0.25 at D = 1).
+
+    Defaults follow the paper (lw=0.1, ll=0.1, ld=1, delta=1.25, mh=1.5, ms=1,
+    kappa=2.5, p=2.5). The authors' released code uses ll = 0.0005 instead; pass
+    ``--slime-lambda-l 0.0005`` to reproduce it.
+
+    Normalisation: the stabiliser is a mean over ALL rejected tokens of the
+    GLOBAL batch. It is made additive with
+    ``loss_sum += ll * pairs_per_rejected_token * sum_t stabiliser(t)``; dividing
+    the sum over micro-batches by the global pair count G gives
+    ``ll * (G / N_global) * sum_all / G = ll * mean over global tokens``.
+    ``pair_losses`` exclude the token term. Metrics ``slime/anchor``,
+    ``slime/margin`` and ``slime/stabiliser`` are the lambda-weighted terms
+    (they add up to the loss); the stabiliser's micro-batch share is spread
+    evenly over its P pairs.
+    """
+    lbar_w = _avg(stats.chosen_logps, stats.chosen_lengths)
+    lbar_l = _avg(stats.rejected_logps, stats.rejected_lengths)
+    d = lbar_w - lbar_l
+
+    anchor = -config.slime_lambda_w * lbar_w
+    margin = (
+        config.slime_lambda_d
+        * torch.relu(config.slime_margin_hard - d)
+        * torch.sigmoid(-config.slime_kappa * (d - config.slime_margin_soft))
+    )
+    pair_losses = anchor + margin
+
+    tok = stats.rejected_token_logps
+    stab_tok = F.softplus(-tok - config.slime_delta).pow(config.slime_power)
+    num_pairs = pair_losses.numel()
+    if stats.rejected_token_mask is not None:
+        mask = stats.rejected_token_mask
+        # where(), not a product: unmasked tokens (prompt, padding) may hold any value.
+        stab_tok = torch.where(mask > 0, stab_tok * mask, torch.zeros_like(stab_tok))
+        n_tok = mask.sum()
+    else:
+        n_tok = tok.numel()
+    ppt = stats.pairs_per_rejected_token
+    if ppt is None:
+        # Local fallback: exact only if this micro-batch is the whole global batch.
+        if isinstance(n_tok, Tensor):
+            ppt = num_pairs / n_tok.clamp(min=1.0)
+        else:
+            ppt = num_pairs / n_tok if n_tok > 0 else 0.0
+    token_term = config.slime_lambda_l * ppt * stab_tok.sum()
+
+    loss_sum = pair_losses.sum() + token_term
+    metrics = _reference_free_metrics(stats, config)
+    metrics["slime/anchor"] = anchor.detach()
+    metrics["slime/margin"] = margin.detach()
+    share = token_term.detach() / max(num_pairs, 1)
+    metrics["slime/stabiliser"] = share.expand_as(pair_losses).clone()
+    metrics["slime/D"] = d.detach()
+    return LossOutput(loss_sum=loss_sum, pair_losses=pair_losses, metrics=metrics)
+
+
+def simpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """SimPO (Meng et al. 2024, arXiv:2405.14734).
+
+    ``L = -log sigmoid(beta * (lbar_w - lbar_l) - gamma)``, ``gamma = simpo_gamma``.
+    The length-normalised likelihood is the implicit reward, so no reference
+    model is needed; gamma is a target reward margin. ``beta`` is shared with
+    the other losses (default 0.1), but the SimPO paper uses beta ~ 2-2.5, so pass
+    ``--beta`` explicitly (TRL's default simpo_gamma = 0.5 is ours too).
+    """
+    lbar_w = _avg(stats.chosen_logps, stats.chosen_lengths)
+    lbar_l = _avg(stats.rejected_logps, stats.rejected_lengths)
+    losses = -F.logsigmoid(config.beta * (lbar_w - lbar_l) - config.simpo_gamma)
+    return _output(losses, _reference_free_metrics(stats, config))
+
+
+# Keeps lbar strictly below 0 so log(1 - exp(lbar)) stays finite when p -> 1.
+_ORPO_MAX_LBAR = -1e-6
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """Stable ``log(1 - exp(x))`` for x < 0 (Maechler 2012): expm1 near 0, log1p far."""
+    return torch.where(
+        x > -math.log(2.0),
+        torch.log(-torch.expm1(x)),
+        torch.log1p(-torch.exp(x)),
+    )
+
+
+def orpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """ORPO (Hong et al. 2024, arXiv:2403.07691).
+
+    ``L = -lbar_w + lambda * -log sigmoid(log_odds)``, ``lambda = orpo_lambda``,
+    ``log_odds = log(p_w / (1 - p_w)) - log(p_l / (1 - p_l))`` with
+    ``p = exp(lbar)`` (per-token geometric-mean likelihood). ``log(1 - p)`` is
+    computed as a stable log1mexp; lbar is clamped to <= -1e-6 so a response
+    with probability ~1 cannot give -inf.
+    """
+    lbar_w = _avg(stats.chosen_logps, stats.chosen_lengths)
+    lbar_l = _avg(stats.rejected_logps, stats.rejected_lengths)
+    cw = lbar_w.clamp(max=_ORPO_MAX_LBAR)
+    cl = lbar_l.clamp(max=_ORPO_MAX_LBAR)
+    log_odds = (cw - _log1mexp(cw)) - (cl - _log1mexp(cl))
+    nll = -lbar_w
+    ratio_loss = -F.logsigmoid(log_odds)
+    losses = nll + config.orpo_lambda * ratio_loss
+    metrics = _reference_free_metrics(stats, config)
+    metrics["orpo/log_odds"] = log_odds.detach()
+    metrics["orpo/nll"] = nll.detach()
+    return _output(losses, metrics)
+
+
+def sft_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """Supervised fine-tuning on the chosen response: ``L = -lbar_w`` (per-token NLL)."""
+    losses = -_avg(stats.chosen_logps, stats.chosen_lengths)
+    return _output(losses, _reference_free_metrics(stats, config))
+
+
+# --------------------------------------------------------------------------- #
+# Registry and dispatch
+# --------------------------------------------------------------------------- #
+LOSSES: dict[str, Callable[[PairStats, LossConfig], LossOutput]] = {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "spo": spo_loss,
+    "slime": slime_loss,
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
+    "sft": sft_loss,
+}
+
+#: Losses that need ``ref_chosen_logps`` / ``ref_rejected_logps``.
+REFERENCE_LOSSES = frozenset({"dpo", "ipo", "hinge", "spo"})
+
+
+def _check_name(name: str) -> None:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss name {name!r}; valid names: {', '.join(sorted(LOSSES))}")
+
+
+def requires_reference(name: str) -> bool:
+    """True if loss ``name`` needs reference-model log-probs (ValueError if unknown)."""
+    _check_name(name)
+    return name in REFERENCE_LOSSES
+
+
+_PAIR_FIELDS = (
+    "chosen_logps",
+    "rejected_logps",
+    "chosen_lengths",
+    "rejected_lengths",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "score_chosen",
+    "score_rejected",
+)
+
+
+def _as_float(t: Tensor) -> Tensor:
+    # Losses are computed in (at least) fp32 even if the model produced bf16/fp16.
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) or not t.is_floating_point() else t
+
+
+def _prepare_stats(name: str, stats: PairStats, config: LossConfig, check_values: bool) -> PairStats:
+    """Validate shapes/presence, upcast to fp32; returns a new PairStats."""
+    updates: dict = {}
+    num_pairs = None
+    for fname in _PAIR_FIELDS:
+        t = getattr(stats, fname)
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"PairStats.{fname} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"PairStats.{fname} must be 1-D over pairs, got shape {tuple(t.shape)}")
+        if num_pairs is None:
+            num_pairs = t.shape[0]
+        elif t.shape[0] != num_pairs:
+            raise ValueError(
+                f"PairStats.{fname} has shape {tuple(t.shape)}, expected ({num_pairs},) "
+                f"like PairStats.chosen_logps"
+            )
+        updates[fname] = _as_float(t)
+
+    if requires_reference(name) and (stats.ref_chosen_logps is None or stats.ref_rejected_logps is None):
+        raise ValueError(
+            f"loss {name!r} needs reference log-probs: PairStats.ref_chosen_logps and "
+            f"PairStats.ref_rejected_logps must be set"
+        )
+    if (stats.score_chosen is None) != (stats.score_rejected is None):
+        raise ValueError("PairStats.score_chosen and PairStats.score_rejected must be given together")
+    if name == "spo" and config.spo_target_from_scores and stats.score_chosen is None:
+        raise ValueError(
+            "spo_target_from_scores is set but PairStats.score_chosen/score_rejected are missing"
+        )
+
+    if name == "slime":
+        tok = stats.rejected_token_logps
+        if tok is None:
+            raise ValueError("loss 'slime' needs PairStats.rejected_token_logps ([N] rejected-token log-probs)")
+        if not isinstance(tok, Tensor) or tok.dim() != 1:
+            raise ValueError("PairStats.rejected_token_logps must be a 1-D tensor over rejected tokens")
+        updates["rejected_token_logps"] = _as_float(tok)
+        token_mask = stats.rejected_token_mask
+        if token_mask is not None:
+            if not isinstance(token_mask, Tensor) or token_mask.shape != tok.shape:
+                raise ValueError("PairStats.rejected_token_mask must have the shape of rejected_token_logps")
+            updates["rejected_token_mask"] = _as_float(token_mask)
+        ppt = stats.pairs_per_rejected_token
+        if isinstance(ppt, Tensor):
+            if ppt.numel() != 1:
+                raise ValueError("PairStats.pairs_per_rejected_token must be a scalar")
+            if check_values and not (math.isfinite(float(ppt)) and float(ppt) > 0):
+                raise ValueError(f"PairStats.pairs_per_rejected_token must be finite and > 0, got {float(ppt)}")
+            updates["pairs_per_rejected_token"] = _as_float(ppt.reshape(()))
+        elif ppt is not None and not (math.isfinite(ppt) and ppt > 0):
+            raise ValueError(f"PairStats.pairs_per_rejected_token must be finite and > 0, got {ppt}")
+        if check_values and num_pairs:
+            n_expected = float(stats.rejected_lengths.sum())
+            n_given = tok.numel() if token_mask is None else float(token_mask.sum())
+            if abs(n_expected - n_given) > 0.5:
+                raise ValueError(
+                    f"PairStats.rejected_token_logps has {n_given:g} tokens but "
+                    f"PairStats.rejected_lengths sums to {n_expected:g}"
+                )
+
+    if check_values and num_pairs:
+        for fname in ("chosen_lengths", "rejected_lengths"):
+            if not bool((getattr(stats, fname) > 0).all()):
+                raise ValueError(f"PairStats.{fname} must be > 0 for every pair")
+    return dataclasses.replace(stats, **updates)
+
+
+def compute_loss(name: str, stats: PairStats, config: LossConfig, *, check_values: bool = True) -> LossOutput:
+    """Validate, dispatch to ``LOSSES[name]`` and add the optional RPO-style NLL term.
+
+    Raises ``ValueError`` (naming the argument) for an unknown ``name``, invalid
+    ``config``, mismatched ``PairStats`` shapes, a missing reference for a
+    reference-based loss, missing ``rejected_token_logps`` for SLIME, missing
+    scores with ``spo_target_from_scores``, or ``label_smoothing`` with a loss
+    other than DPO (it would otherwise be silently ignored).
+
+    ``config.sft_weight * (-chosen_logps / chosen_lengths)`` is added to every
+    pair loss (and to ``loss_sum``) when ``sft_weight > 0``, logged as ``sft/nll``.
+
+    ``check_values=True`` also checks tensor *values* (lengths > 0, SLIME token
+    count == sum of rejected lengths); this costs one host-device sync, so turn
+    it off in a tuned training loop once the data path is trusted.
+    """
+    _check_name(name)
+    config.validate()
+    if config.label_smoothing != 0.0 and name != "dpo":
+        raise ValueError(f"label_smoothing (--label-smoothing) only applies to 'dpo', not {name!r}")
+    stats = _prepare_stats(name, stats, config, check_values)
+
+    out = LOSSES[name](stats, config)
+    if config.sft_weight > 0:
+        nll = -_avg(stats.chosen_logps, stats.chosen_lengths)
+        extra = config.sft_weight * nll
+        out = LossOutput(
+            loss_sum=out.loss_sum + extra.sum(),
+            pair_losses=out.pair_losses + extra,
+            metrics={**out.metrics, "sft/nll": nll.detach()},
+        )
+    return out
