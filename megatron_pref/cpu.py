@@ -72,6 +72,31 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             grad.detach().mul_(clip_coeff)
 
 
+_ACTIVATION_TAG, _GRADIENT_TAG = 1, 2
+
+
+def _tagged_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
+                    group, prev_pipeline_rank, next_pipeline_rank):
+    """megatron-core's p2p ops with a tag per direction.
+
+    At PP=2 the previous and next stage are the same rank. NCCL orders the messages by stream,
+    but gloo matches same-tag receives from one peer in posting order, so the interleaved
+    schedule's paired receives (an activation and a gradient of the same shape) can swap
+    silently. Activations (-> next) and gradients (-> prev) get distinct tags.
+    """
+    dist = torch.distributed
+    ops = []
+    if tensor_send_prev is not None:
+        ops.append(dist.P2POp(dist.isend, tensor_send_prev, prev_pipeline_rank, group, tag=_GRADIENT_TAG))
+    if tensor_recv_prev is not None:
+        ops.append(dist.P2POp(dist.irecv, tensor_recv_prev, prev_pipeline_rank, group, tag=_ACTIVATION_TAG))
+    if tensor_send_next is not None:
+        ops.append(dist.P2POp(dist.isend, tensor_send_next, next_pipeline_rank, group, tag=_ACTIVATION_TAG))
+    if tensor_recv_next is not None:
+        ops.append(dist.P2POp(dist.irecv, tensor_recv_next, next_pipeline_rank, group, tag=_GRADIENT_TAG))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 def enable() -> None:
     """Redirect megatron-core's CUDA touch points to the CPU. Idempotent; no-op with CUDA."""
     global _ENABLED
@@ -82,6 +107,7 @@ def enable() -> None:
 
     # megatron-core imports these lazily; import them now so the patches land on the modules.
     from megatron.core.optimizer import clip_grads as mcore_clip_grads
+    from megatron.core.pipeline_parallel import p2p_communication as mcore_p2p
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -106,8 +132,10 @@ def enable() -> None:
     mcore_random._get_cuda_rng_state = get_rng_state
     mcore_random._set_cuda_rng_state = set_rng_state
 
-    # 3. Nothing to synchronise.
+    # 3. Nothing to synchronise; and gloo needs the p2p directions told apart by tags.
     torch.cuda.synchronize = lambda *a, **k: None
+    mcore_p2p._batched_p2p_ops = _tagged_p2p_ops
+    mcore_p2p._p2p_ops = _tagged_p2p_ops
 
     # 4. device="cuda" -> CPU, and Tensor.cuda() stays put.
     _CudaToCpuDeviceMode().__enter__()

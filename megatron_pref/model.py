@@ -295,3 +295,73 @@ def packed_forward_inputs(tokens: torch.Tensor, position_ids: torch.Tensor, cu_s
         return PackedForwardInputs(tokens[None], position_ids[None], None, params)
     mask = block_diagonal_causal_mask(cu_seqlens, total)
     return PackedForwardInputs(tokens[None], position_ids[None], mask)
+
+
+def _unwrapped(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _stable_seed(seed: int, key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def layout_invariant_init(model, model_cfg: ModelConfig, seed: int) -> None:
+    """Re-initialise every parameter so its *global* value depends only on (seed, name).
+
+    megatron-core's CPU initialisation is TP-invariant but not PP-invariant (later stages start
+    from a different RNG state). Here each parameter's full tensor is drawn from a generator
+    seeded by its distributed-checkpoint key, and each rank keeps its slice (the same slicing
+    ``dist_checkpointing`` uses). The same seed then gives the same model at any TP/PP, so
+    parallel layouts can be compared exactly. Scheme: N(0, std) weights, std/sqrt(2L) for the
+    output projections (as megatron-core), ones for norm weights, zeros for biases.
+
+    Every rank draws full tensors: meant for random initialisation of small and medium
+    models; large runs start from a converted checkpoint.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    std = model_cfg.init_method_std
+    output_std = std / math.sqrt(2.0 * model_cfg.num_layers)
+
+    def fill(sharded: ShardedTensor) -> None:
+        if sharded.data is None:
+            return
+        key = sharded.key
+        short = key.rsplit(".", 1)
+        leaf = short[-1]
+        shape = tuple(sharded.global_shape)
+        if leaf == "bias" or key.endswith("_bias"):
+            full = torch.zeros(shape)
+        elif "norm" in key and leaf == "weight" or key.endswith("layer_norm_weight"):
+            full = torch.ones(shape)
+        else:
+            generator = torch.Generator().manual_seed(_stable_seed(seed, key))
+            scale = output_std if ("linear_proj" in key or "linear_fc2" in key) else std
+            full = torch.randn(shape, generator=generator) * scale
+        prepend = sharded.prepend_axis_num
+        local_shape = (1,) * prepend + tuple(sharded.data.shape)
+        index = tuple(slice(o, o + s) for o, s in zip(sharded.global_offset, local_shape))
+        sharded.data.copy_(full[index].reshape(sharded.data.shape).to(sharded.data.dtype))
+
+    def visit(item) -> None:
+        if isinstance(item, ShardedTensorFactory):
+            built = item.build()
+            for sub in (built if isinstance(built, (list, tuple)) else [built]):
+                visit(sub)
+        elif isinstance(item, ShardedTensor):
+            fill(item)
+        elif isinstance(item, dict):
+            for v in item.values():
+                visit(v)
+        elif isinstance(item, (list, tuple)):
+            for v in item:
+                visit(v)
+
+    gpt = _unwrapped(model)
+    visit(gpt.sharded_state_dict())
+    # Tied output weights on the last stage mirror the embedding (same key, same values).

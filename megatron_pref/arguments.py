@@ -1,0 +1,372 @@
+"""Command-line flags (Megatron-LM names) -> config dataclasses, validated before any work.
+
+Model-architecture flags default to ``None`` so that ``--load`` of a converted checkpoint can
+supply the architecture: a flag given explicitly must agree with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_pref.model import (NORMALIZATIONS, POSITION_EMBEDDINGS, TRANSFORMER_IMPLS, ModelConfig,
+                                 ParallelConfig, PrecisionConfig)
+
+REF_LOGPROBS_MODES = ("precompute", "online")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+class ConfigError(ValueError):
+    """A bad flag or input file: reported as one line, never a traceback."""
+
+
+# The demo's model: small enough to learn the bundled task in a few CPU minutes.
+DEMO_MODEL = dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
+                  max_position_embeddings=256, normalization="RMSNorm", swiglu=True,
+                  position_embedding_type="rope", make_vocab_size_divisible_by=16)
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[list] = None  # preprocessed prefixes, or .jsonl/.parquet files
+    valid_data_path: Optional[list] = None
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    seq_length: int = 256
+    max_prompt_length: Optional[int] = None
+    data_field_map: Optional[str] = None
+    strict: bool = False
+
+    @property
+    def uses_demo(self) -> bool:
+        return not self.data_path
+
+
+@dataclass
+class OptimConfig:
+    micro_batch_size: int = 1  # packs per micro-batch
+    global_batch_size: int = 32  # pairs per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None
+    train_iters: Optional[int] = None
+    train_epochs: Optional[float] = None
+    clip_grad: float = 1.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+
+
+@dataclass
+class EvalLogConfig:
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: Optional[int] = None  # None: the whole validation split
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    metrics_file: Optional[str] = None  # default: <save or tensorboard dir>/metrics.jsonl
+    no_progress_bar: bool = False
+
+
+@dataclass
+class ReferenceConfig:
+    ref_logprobs: str = "precompute"
+    ref_load: Optional[str] = None
+    ref_cache_dir: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    precision: PrecisionConfig
+    data: DataConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    log: EvalLogConfig
+    reference: ReferenceConfig
+    loss: str
+    loss_config: object  # megatron_pref.losses.LossConfig
+    seed: int = 1234
+    skip_nonfinite_batches: bool = False
+    logprob_chunk_tokens: int = 1024
+    # Model flags given explicitly on the command line (checked against a loaded checkpoint).
+    explicit_model_fields: dict = field(default_factory=dict)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _model_flag_names() -> dict:
+    return {
+        "num_layers": int, "hidden_size": int, "num_attention_heads": int, "num_query_groups": int,
+        "ffn_hidden_size": int, "kv_channels": int, "max_position_embeddings": int,
+        "norm_epsilon": float, "rotary_base": int, "rotary_percent": float,
+        "rope_scaling_factor": float, "make_vocab_size_divisible_by": int,
+        "hidden_dropout": float, "attention_dropout": float, "init_method_std": float,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_pref.losses import LOSSES, LossConfig
+
+    p = argparse.ArgumentParser(
+        prog="pretrain_pref.py",
+        description="Preference optimisation (DPO family, SPO, SLIME) on megatron-core. "
+                    "With no data flags, trains a tiny GPT on the bundled demo task.")
+    g = p.add_argument_group("preference")
+    g.add_argument("--loss", default="spo", help=f"one of: {', '.join(sorted(LOSSES))}")
+    for f in dataclasses.fields(LossConfig):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, bool):
+            g.add_argument(_flag(f.name), action="store_true", default=default)
+        else:
+            g.add_argument(_flag(f.name), type=type(default) if default is not None else float, default=default)
+    g.add_argument("--ref-logprobs", choices=REF_LOGPROBS_MODES, default="precompute")
+    g.add_argument("--ref-load", default=None, help="reference checkpoint (default: the initial policy)")
+    g.add_argument("--ref-cache-dir", default=None, help="where precomputed reference log-probs are cached")
+
+    g = p.add_argument_group("model (architecture flags default to the --load checkpoint's)")
+    for name, typ in _model_flag_names().items():
+        g.add_argument(_flag(name), type=typ, default=None)
+    g.add_argument("--group-query-attention", action="store_true", default=None)
+    g.add_argument("--normalization", choices=NORMALIZATIONS, default=None)
+    g.add_argument("--swiglu", action="store_true", default=None)
+    g.add_argument("--openai-gelu", action="store_true", default=None)
+    g.add_argument("--position-embedding-type", choices=POSITION_EMBEDDINGS, default=None)
+    g.add_argument("--use-rope-scaling", action="store_true", default=None)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--add-qkv-bias", action="store_true", default=None)
+    g.add_argument("--add-bias-linear", action="store_true", default=None)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = p.add_argument_group("precision and kernels")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp8-format", choices=("hybrid", "e4m3"), default=None)
+    g.add_argument("--fp8-recipe", choices=("delayed", "tensorwise", "blockwise", "mxfp8"), default="delayed")
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=None,
+                   help="default: transformer_engine with a GPU and TE, else local")
+    g.add_argument("--logprob-chunk-tokens", type=int, default=1024)
+
+    g = p.add_argument_group("batching and optimisation")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="packs per micro-batch (1)")
+    g.add_argument("--global-batch-size", type=int, default=None, help="pairs per optimizer step")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-epochs", type=float, default=None)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--skip-nonfinite-batches", action="store_true",
+                   help="skip a batch whose loss is NaN/inf instead of stopping")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="preprocessed prefixes (tools/preprocess_pref_data.py) or .jsonl/.parquet files")
+    g.add_argument("--valid-data-path", nargs="+", default=None)
+    g.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"), default=None)
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--seq-length", type=int, default=None, help="pack length in tokens")
+    g.add_argument("--max-prompt-length", type=int, default=None)
+    g.add_argument("--data-field-map", default=None, help="rename columns: old=new,old2=new2")
+    g.add_argument("--strict", action="store_true", help="bad rows are errors instead of skipped")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("checkpoints, evaluation and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=None)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-save-dir", default=None)
+    g.add_argument("--metrics-file", default=None)
+    g.add_argument("--no-progress-bar", action="store_true")
+    return p
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Flags -> RunConfig, with every check that needs no files, no model and no GPU."""
+    from megatron_pref.losses import LOSSES, LossConfig
+
+    _check(args.loss in LOSSES, f"--loss {args.loss!r} is unknown; choose one of: {', '.join(sorted(LOSSES))}")
+    loss_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(LossConfig)}
+    loss_config = LossConfig(**loss_kwargs)
+    try:
+        loss_config.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+    demo = not args.data_path
+    explicit = {name: getattr(args, name) for name in list(_model_flag_names()) + [
+        "normalization", "swiglu", "openai_gelu", "position_embedding_type", "use_rope_scaling",
+        "untie_embeddings_and_output_weights", "add_qkv_bias", "add_bias_linear"]
+        if getattr(args, name) is not None}
+    if args.group_query_attention and args.num_query_groups is None:
+        raise ConfigError("--group-query-attention needs --num-query-groups")
+
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                 "log_interval", "logprob_chunk_tokens"):
+        _check(getattr(args, name) >= 1, f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
+    _check(args.micro_batch_size == 1, "--micro-batch-size: one pack per micro-batch is supported "
+                                       "(a pack already holds many pairs; raise --seq-length instead)")
+    for name in ("train_iters", "save_interval", "eval_interval", "eval_iters", "global_batch_size",
+                 "seq_length", "max_prompt_length", "lr_decay_iters"):
+        value = getattr(args, name)
+        _check(value is None or value >= 1, f"{_flag(name)} must be >= 1, got {value}")
+    for name in ("lr", "min_lr", "clip_grad", "weight_decay", "adam_eps"):
+        value = getattr(args, name)
+        _check(value is None or (math.isfinite(value) and value >= 0), f"{_flag(name)} must be a finite number >= 0, got {value}")
+    _check(args.train_epochs is None or args.train_epochs > 0, "--train-epochs must be > 0")
+    _check(args.train_iters is None or args.train_epochs is None, "give --train-iters or --train-epochs, not both")
+    _check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    if args.fp8_format:
+        _check(args.transformer_impl != "local", "--fp8-format needs --transformer-impl transformer_engine")
+    if args.tokenizer_model is not None:
+        _check(args.tokenizer_type is not None, "--tokenizer-model needs --tokenizer-type")
+        _check(os.path.exists(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
+    if not demo:
+        for path in args.data_path + (args.valid_data_path or []):
+            _check(_data_path_exists(path), f"--data-path {path}: no such file (nor {path}.bin/.idx)")
+        _check(args.tokenizer_model is not None, "--data-path needs --tokenizer-type and --tokenizer-model")
+    if args.load:
+        _check(os.path.isdir(args.load), f"--load {args.load}: no such directory")
+    if args.ref_load:
+        _check(os.path.isdir(args.ref_load), f"--ref-load {args.ref_load}: no such directory")
+    if args.ref_load and not _loss_requires_reference(args.loss):
+        raise ConfigError(f"--ref-load is set but --loss {args.loss} is reference-free")
+
+    vpp = None
+    if args.num_layers_per_virtual_pipeline_stage:
+        layers = explicit.get("num_layers") or (DEMO_MODEL["num_layers"] if demo and not args.load else None)
+        if layers is None:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --num-layers")
+        vpp = layers // (args.pipeline_model_parallel_size * args.num_layers_per_virtual_pipeline_stage)
+
+    return RunConfig(
+        model=ModelConfig(vocab_size=1),  # resolved later from the tokenizer / checkpoint
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=vpp,
+            sequence_parallel=args.sequence_parallel),
+        precision=PrecisionConfig(bf16=args.bf16, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe,
+                                  transformer_impl=args.transformer_impl or "auto"),
+        data=DataConfig(data_path=args.data_path, valid_data_path=args.valid_data_path,
+                        tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+                        seq_length=args.seq_length or 256, max_prompt_length=args.max_prompt_length,
+                        data_field_map=args.data_field_map, strict=args.strict),
+        optim=OptimConfig(
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size or 32,
+            lr=args.lr if args.lr is not None else (1e-3 if demo else 1e-6),
+            min_lr=args.min_lr, lr_decay_style=args.lr_decay_style, lr_warmup_iters=args.lr_warmup_iters,
+            lr_decay_iters=args.lr_decay_iters,
+            train_iters=args.train_iters if (args.train_iters or args.train_epochs) else (150 if demo else None),
+            train_epochs=args.train_epochs, clip_grad=args.clip_grad, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            use_distributed_optimizer=args.use_distributed_optimizer),
+        checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
+                                    no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng),
+        log=EvalLogConfig(log_interval=args.log_interval,
+                          eval_interval=args.eval_interval or (50 if demo else None),
+                          eval_iters=args.eval_iters, tensorboard_dir=args.tensorboard_dir,
+                          wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
+                          wandb_save_dir=args.wandb_save_dir, metrics_file=args.metrics_file,
+                          no_progress_bar=args.no_progress_bar),
+        reference=ReferenceConfig(ref_logprobs=args.ref_logprobs, ref_load=args.ref_load,
+                                  ref_cache_dir=args.ref_cache_dir),
+        loss=args.loss,
+        loss_config=loss_config,
+        seed=args.seed,
+        skip_nonfinite_batches=args.skip_nonfinite_batches,
+        logprob_chunk_tokens=args.logprob_chunk_tokens,
+        explicit_model_fields=explicit,
+    )
+
+
+def _loss_requires_reference(name: str) -> bool:
+    from megatron_pref.losses import requires_reference
+
+    return requires_reference(name)
+
+
+def _data_path_exists(path: str) -> bool:
+    return os.path.isfile(path) or (os.path.isfile(path + ".bin") and os.path.isfile(path + ".idx"))
+
+
+def resolve_model_config(run: RunConfig, vocab_size: int, checkpoint_model: Optional[ModelConfig]) -> ModelConfig:
+    """The architecture: the checkpoint's if loading (explicit flags must agree), else flags/demo."""
+    explicit = dict(run.explicit_model_fields)
+    if checkpoint_model is not None:
+        for name, value in explicit.items():
+            stored = getattr(checkpoint_model, name)
+            if stored != value:
+                raise ConfigError(f"{_flag(name)} {value} differs from the --load checkpoint's {name}={stored}")
+        if checkpoint_model.vocab_size != vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab_size} tokens but the --load checkpoint's "
+                              f"vocab_size is {checkpoint_model.vocab_size}")
+        return checkpoint_model
+    base = dict(DEMO_MODEL) if run.data.uses_demo else {}
+    base.update(explicit)
+    base["vocab_size"] = vocab_size
+    base.setdefault("max_position_embeddings", max(run.data.seq_length, 256))
+    # Megatron-LM ties embeddings unless told otherwise.
+    base.setdefault("untie_embeddings_and_output_weights", False)
+    for flag_default in ("swiglu", "add_qkv_bias", "add_bias_linear", "use_rope_scaling", "openai_gelu"):
+        base.setdefault(flag_default, False)
+    if not run.data.uses_demo:
+        missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads") if n not in base]
+        if missing:
+            raise ConfigError("without --load, give the architecture: missing " +
+                              ", ".join(_flag(n) for n in missing))
+        base.setdefault("normalization", "LayerNorm")
+        base.setdefault("position_embedding_type", "learned_absolute")
+    model = ModelConfig(**base)
+    try:
+        model.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return model

@@ -1,0 +1,241 @@
+"""Model chunks, optimizer, scheduler and one step through megatron-core's schedules.
+
+Each function applies one concern (torchtitan style); ``training.py`` strings them together.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, build_gpt_model
+
+
+def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                       wrap_ddp: bool = True, use_distributed_optimizer: bool = False) -> list:
+    """This rank's model chunks (one, or one per virtual pipeline stage), DDP-wrapped.
+
+    ``wrap_ddp=False`` builds a frozen model (the online reference): no gradients, no DDP
+    buffers, no optimizer state.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp else [None]
+    chunks = []
+    for vp_stage in stages:
+        model = build_gpt_model(model_cfg, parallel, precision, vp_stage=vp_stage)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if precision.bf16:
+            model = Float16Module(model.config, model)
+        if wrap_ddp:
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                use_distributed_optimizer=use_distributed_optimizer)
+            model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
+                                            disable_bucketing=(vp_stage is not None and vp_stage > 0))
+        else:
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        chunks.append(model)
+    return chunks
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def build_optimizer(model_chunks: list, optim, precision: PrecisionConfig):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=precision.bf16, params_dtype=precision.params_dtype,
+        use_distributed_optimizer=optim.use_distributed_optimizer)
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def build_scheduler(optimizer, optim, train_iters: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_iters = optim.lr_decay_iters or train_iters
+    warmup = min(optim.lr_warmup_iters, decay_iters)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(decay_iters, warmup + 1),
+        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(train_iters, 1), wd_incr_style="constant")
+
+
+def _configure_schedule(model_chunks: list, optimizer=None) -> None:
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    config.finalize_model_grads_func = finalize_model_grads if optimizer is not None else None
+    config.grad_scale_func = optimizer.scale_loss if optimizer is not None else None
+    if optimizer is not None and len(model_chunks) == 1:
+        config.no_sync_func = model_chunks[0].no_sync
+
+
+def empty_pack_like(pack, length: int = 8):
+    """A pack with no pairs: contributes nothing to the loss, the gradients or the pair count."""
+    empty = copy.copy(pack)
+    zeros = torch.zeros(length, dtype=pack.tokens.dtype)
+    empty.tokens, empty.labels, empty.position_ids = zeros, zeros.clone(), torch.arange(length)
+    empty.loss_mask = torch.zeros(length, dtype=pack.loss_mask.dtype)
+    empty.cu_seqlens = torch.zeros(1, dtype=torch.int32)
+    empty.seq_pair_index = torch.zeros(0, dtype=torch.long)
+    empty.seq_is_chosen = torch.zeros(0, dtype=torch.bool)
+    empty.pair_ids = torch.zeros(0, dtype=torch.long)
+    empty.score_chosen = None if pack.score_chosen is None else pack.score_chosen[:0]
+    empty.score_rejected = None if pack.score_rejected is None else pack.score_rejected[:0]
+    return empty
+
+
+def pad_pack_to(pack, length: int):
+    """The same pack with a longer padding tail (outside every sequence, no loss)."""
+    extra = length - pack.tokens.numel()
+    if extra <= 0:
+        return pack
+    padded = copy.copy(pack)
+    padded.tokens = torch.cat([pack.tokens, pack.tokens.new_zeros(extra)])
+    padded.labels = torch.cat([pack.labels, pack.labels.new_zeros(extra)])
+    padded.loss_mask = torch.cat([pack.loss_mask, pack.loss_mask.new_zeros(extra)])
+    padded.position_ids = torch.cat([pack.position_ids, torch.arange(extra, dtype=pack.position_ids.dtype)])
+    return padded
+
+
+def pad_micro_batches_for_interleaving(micro_batches: list, pipeline_size: int, virtual_size) -> list:
+    """The interleaved schedule wants a micro-batch count that is a multiple of PP, and
+    communicates fixed-shape activations: pad the count with empty packs and every pack to
+    the longest one."""
+    if not virtual_size:
+        return micro_batches
+    missing = (-len(micro_batches)) % pipeline_size
+    longest = max(int(m.pack.tokens.numel()) for m in micro_batches)
+    micro_batches = [dataclasses.replace(m, pack=pad_pack_to(m.pack, longest)) for m in micro_batches]
+    template = micro_batches[0]
+    fillers = [dataclasses.replace(template, pack=empty_pack_like(template.pack, longest),
+                                   ref_chosen_logps=None if template.ref_chosen_logps is None else template.ref_chosen_logps[:0],
+                                   ref_rejected_logps=None if template.ref_rejected_logps is None else template.ref_rejected_logps[:0])
+               for _ in range(missing)]
+    return list(micro_batches) + fillers
+
+
+def run_schedule(model_chunks: list, micro_batches: Sequence, forward_step: Callable,
+                 forward_only: bool, optimizer=None) -> list[dict]:
+    """Run the pipeline schedule (1F1B, interleaved with virtual stages) over the micro-batches.
+
+    Returns the last stage's per-micro-batch outputs of the loss function (empty elsewhere).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batches = pad_micro_batches_for_interleaving(
+        list(micro_batches), ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size())
+    _configure_schedule(model_chunks, None if forward_only else optimizer)
+    # Each chunk reads the same sequence of micro-batches.
+    iterators = [iter(micro_batches) for _ in model_chunks]
+    longest = max(int(m.pack.tokens.numel()) for m in micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=longest,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+def metric_sums_over_data_parallel(outputs: list[dict], names: Sequence[str]) -> dict:
+    """Sum per-micro-batch metric sums, then over DP ranks and pipeline stages.
+
+    Only the last stage holds values; the others contribute zeros, so after the all-reduce over
+    the pipeline group every rank (including the logging rank 0) holds the global sums.
+    """
+    from megatron.core import parallel_state as ps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
+    for out in outputs:
+        for i, name in enumerate(names):
+            if name in out:
+                totals[i] += out[name].to(device, torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+    return dict(zip(names, totals.tolist()))
+
+
+@dataclass
+class StepResult:
+    metric_sums: dict  # global sums over pairs
+    num_pairs: int  # global
+    grad_norm: Optional[float]
+    skipped: bool
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def global_pair_counts(micro_batches: Sequence) -> tuple[int, int]:
+    """(pairs, rejected response tokens) of the global batch, summed over DP ranks."""
+    from megatron.core import parallel_state as ps
+
+    local = torch.tensor([
+        sum(int(m.pack.pair_ids.numel()) for m in micro_batches),
+        sum(int(m.pack.num_rejected_response_tokens) for m in micro_batches),
+    ], dtype=torch.float64)
+    if dist.is_initialized():
+        local = local.to("cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(local, group=ps.get_data_parallel_group())
+    return int(local[0]), int(local[1])
+
+
+def train_step(model_chunks: list, optimizer, micro_batches: Sequence, forward_step: Callable,
+               metric_names: Sequence[str], iteration: int, skip_nonfinite: bool = False) -> StepResult:
+    """Forward + backward of one global batch through the schedule, then the optimizer step."""
+    pairs, rejected_tokens = global_pair_counts(micro_batches)
+    for m in micro_batches:
+        m.pairs_per_rejected_token = pairs / max(rejected_tokens, 1)
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = run_schedule(model_chunks, micro_batches, forward_step, forward_only=False, optimizer=optimizer)
+    sums = metric_sums_over_data_parallel(outputs, metric_names)
+    loss = sums["loss"] / max(pairs, 1)
+    if not math.isfinite(loss):
+        terms = {k: v / max(pairs, 1) for k, v in sums.items()}
+        if not skip_nonfinite:
+            raise NonFiniteLoss(f"non-finite loss {loss} at step {iteration}; loss terms: "
+                                + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()))
+        optimizer.zero_grad()
+        return StepResult(sums, pairs, None, skipped=True)
+    update_successful, grad_norm, _ = optimizer.step()
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        if not skip_nonfinite:
+            raise NonFiniteLoss(f"non-finite gradient norm at step {iteration} (loss {loss:.4g})")
+    return StepResult(sums, pairs, grad_norm, skipped=not update_successful)
+
+
+def forward_only_pass(model_chunks: list, micro_batches: Sequence, forward_step: Callable) -> list[dict]:
+    with torch.no_grad():
+        return run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
