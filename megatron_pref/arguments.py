@@ -28,6 +28,11 @@ class ConfigError(ValueError):
 DEMO_MODEL = dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
                   max_position_embeddings=256, normalization="RMSNorm", swiglu=True,
                   position_embedding_type="rope", make_vocab_size_divisible_by=16)
+# The demo's recipe (flags not given on the command line). The policy starts from random
+# weights, so an RPO-style NLL term (--sft-weight) teaches it to produce answers at all; the
+# preference term then separates right from plausible-wrong ones. Measured on 2 CPU cores:
+# held-out preference accuracy 0 -> 0.95, greedy exact match 0 -> 0.9, in about 1.5 minutes.
+DEMO_RECIPE = dict(train_iters=1000, lr=2e-3, lr_warmup_iters=50, sft_weight=1.0, eval_interval=250)
 
 
 @dataclass
@@ -70,6 +75,7 @@ class CheckpointConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: Optional[int] = None
+    exit_interval: Optional[int] = None
     no_load_optim: bool = False
     no_load_rng: bool = False
 
@@ -208,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop after a step divisible by this")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--eval-interval", type=int, default=None)
@@ -225,6 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def explicit_flags(argv) -> set:
+    """Destinations of the flags given on the command line (not defaulted)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def parse_run_config(argv=None) -> RunConfig:
+    """Command line -> validated RunConfig (the demo's recipe fills flags not given)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if not args.data_path:
+        given = explicit_flags(argv)
+        for name, value in DEMO_RECIPE.items():
+            if name not in given:
+                setattr(args, name, value)
+    return config_from_args(args)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -252,7 +281,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         _check(getattr(args, name) >= 1, f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     _check(args.micro_batch_size == 1, "--micro-batch-size: one pack per micro-batch is supported "
                                        "(a pack already holds many pairs; raise --seq-length instead)")
-    for name in ("train_iters", "save_interval", "eval_interval", "eval_iters", "global_batch_size",
+    for name in ("train_iters", "save_interval", "exit_interval", "eval_interval", "eval_iters", "global_batch_size",
                  "seq_length", "max_prompt_length", "lr_decay_iters"):
         value = getattr(args, name)
         _check(value is None or value >= 1, f"{_flag(name)} must be >= 1, got {value}")
@@ -301,17 +330,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         optim=OptimConfig(
             micro_batch_size=args.micro_batch_size,
             global_batch_size=args.global_batch_size or 32,
-            lr=args.lr if args.lr is not None else (1e-3 if demo else 1e-6),
+            lr=args.lr if args.lr is not None else 1e-6,
             min_lr=args.min_lr, lr_decay_style=args.lr_decay_style, lr_warmup_iters=args.lr_warmup_iters,
             lr_decay_iters=args.lr_decay_iters,
-            train_iters=args.train_iters if (args.train_iters or args.train_epochs) else (150 if demo else None),
+            train_iters=args.train_iters,
             train_epochs=args.train_epochs, clip_grad=args.clip_grad, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
             use_distributed_optimizer=args.use_distributed_optimizer),
         checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
-                                    no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng),
+                                    exit_interval=args.exit_interval, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng),
         log=EvalLogConfig(log_interval=args.log_interval,
-                          eval_interval=args.eval_interval or (50 if demo else None),
+                          eval_interval=args.eval_interval,
                           eval_iters=args.eval_iters, tensorboard_dir=args.tensorboard_dir,
                           wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
                           wandb_save_dir=args.wandb_save_dir, metrics_file=args.metrics_file,
@@ -337,21 +366,26 @@ def _data_path_exists(path: str) -> bool:
     return os.path.isfile(path) or (os.path.isfile(path + ".bin") and os.path.isfile(path + ".idx"))
 
 
-def resolve_model_config(run: RunConfig, vocab_size: int, checkpoint_model: Optional[ModelConfig]) -> ModelConfig:
-    """The architecture: the checkpoint's if loading (explicit flags must agree), else flags/demo."""
+def resolve_model_config(run: RunConfig, vocab_size: Optional[int],
+                         checkpoint_model: Optional[ModelConfig]) -> ModelConfig:
+    """The architecture: the checkpoint's if loading (explicit flags must agree), else flags/demo.
+
+    ``vocab_size=None`` resolves everything but the vocabulary (to validate the parallel
+    layout before the tokenizer and data are read).
+    """
     explicit = dict(run.explicit_model_fields)
     if checkpoint_model is not None:
         for name, value in explicit.items():
             stored = getattr(checkpoint_model, name)
             if stored != value:
                 raise ConfigError(f"{_flag(name)} {value} differs from the --load checkpoint's {name}={stored}")
-        if checkpoint_model.vocab_size != vocab_size:
+        if vocab_size is not None and checkpoint_model.vocab_size != vocab_size:
             raise ConfigError(f"the tokenizer has {vocab_size} tokens but the --load checkpoint's "
                               f"vocab_size is {checkpoint_model.vocab_size}")
         return checkpoint_model
     base = dict(DEMO_MODEL) if run.data.uses_demo else {}
     base.update(explicit)
-    base["vocab_size"] = vocab_size
+    base["vocab_size"] = vocab_size if vocab_size is not None else 1
     base.setdefault("max_position_embeddings", max(run.data.seq_length, 256))
     # Megatron-LM ties embeddings unless told otherwise.
     base.setdefault("untie_embeddings_and_output_weights", False)

@@ -97,9 +97,6 @@ class ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if tp < 1 or pp < 1:
             raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-        if world_size is not None and world_size % (tp * pp * self.context_parallel_size):
-            raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
-                             f"{tp} x --pipeline-model-parallel-size {pp}")
         vpp = self.virtual_pipeline_model_parallel_size or 1
         if model.num_layers % (pp * vpp):
             raise ValueError(f"--num-layers {model.num_layers} is not divisible by "
@@ -112,6 +109,9 @@ class ParallelConfig:
             raise ValueError(f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp}")
         if self.sequence_parallel and tp == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if world_size is not None and world_size % (tp * pp * self.context_parallel_size):
+            raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                             f"{tp} x --pipeline-model-parallel-size {pp}")
 
 
 @dataclass

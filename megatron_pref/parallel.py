@@ -21,6 +21,9 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -
     from megatron.core import parallel_state
 
     cpu_mode = cpu.enable_if_no_cuda()
+    if "RANK" not in os.environ:  # plain `python pretrain_pref.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -34,6 +37,14 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -
     )
     seed_everything(seed)
     return cpu_mode
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

@@ -134,13 +134,29 @@ def logps_loss_func(output_tensor, micro: MicroBatch, true_vocab_size: int, chun
     }
 
 
+def _wraps_float16_module(model) -> bool:
+    from megatron.core.transformer.module import Float16Module
+
+    while True:
+        if isinstance(model, Float16Module):
+            return True
+        if not hasattr(model, "module"):
+            return False
+        model = model.module
+
+
 def model_forward(model, pack, use_thd: bool):
     """Run this stage's GPTModel on one pack (inputs on the model's device)."""
     device = next(model.parameters()).device
     inputs = packed_forward_inputs(pack.tokens.to(device), pack.position_ids.to(device),
                                    pack.cu_seqlens.to(device), use_thd)
+    extra = {}
+    if _wraps_float16_module(model):
+        # Keep bf16 logits: Float16Module's default upcast would hold a full fp32 [T, V/TP]
+        # copy until backward; token_logprobs upcasts one chunk at a time.
+        extra["fp32_output"] = False
     return model(inputs.input_ids, inputs.position_ids, inputs.attention_mask,
-                 packed_seq_params=inputs.packed_seq_params)
+                 packed_seq_params=inputs.packed_seq_params, **extra)
 
 
 def make_forward_step(loss_func_factory: Callable[[MicroBatch], Callable], use_thd: bool):

@@ -23,15 +23,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, parallel, seed, fn, args, results):
+def _rank_main(rank, world_size, port, parallel, seed, fn, args, results, init_parallel=True):
     from megatron_pref import parallel as mp_parallel
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
         torch.set_num_threads(1)
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-        mp_parallel.initialize(parallel, seed)
+        if init_parallel:
+            torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+            mp_parallel.initialize(parallel, seed)
         value = fn(*args)
         results.put((rank, "ok", value))
     except BaseException:  # report every failure to the parent, which raises it
@@ -44,16 +45,17 @@ def _rank_main(rank, world_size, port, parallel, seed, fn, args, results):
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, parallel: ParallelConfig | None = None,
-                 *args, seed: int = 1234, timeout: float = 300.0) -> list[Any]:
+                 *args, seed: int = 1234, timeout: float = 300.0, init_parallel: bool = True) -> list[Any]:
     """Run ``fn(*args)`` on ``world_size`` gloo ranks; return the per-rank results in rank order.
 
-    ``fn`` and its results must be picklable (tensors are fine).
+    ``fn`` and its results must be picklable (tensors are fine). With ``init_parallel=False``
+    only torchrun's environment is set: ``fn`` initialises everything itself (e.g. ``train``).
     """
     parallel = parallel or ParallelConfig()
     ctx = mp.get_context("fork")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, parallel, seed, fn, args, results))
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, parallel, seed, fn, args, results, init_parallel))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -1,0 +1,425 @@
+"""The training loop, readable top to bottom: data -> model -> reference -> steps -> eval -> save."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_pref import parallel
+from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
+from megatron_pref.checkpointing import (CheckpointError, TrainState, load_checkpoint, load_weights_only,
+                                         read_model_config, save_checkpoint, checkpoint_fingerprint,
+                                         validate_checkpoint_dir)
+from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, forward_only_pass,
+                                  metric_sums_over_data_parallel, train_step, unwrap)
+from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
+from megatron_pref.model import default_transformer_impl, layout_invariant_init
+from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
+                                     compute_reference_table, load_cached_table, save_cached_table)
+from megatron_pref.step import MicroBatch, logps_forward_step, preference_forward_step
+
+logger = logging.getLogger("megatron_pref")
+
+# Evaluation packs this many pairs per forward-only schedule call.
+EVAL_PAIRS_PER_STEP = 256
+
+
+@dataclass
+class DataBundle:
+    tokenizer: object
+    train: object
+    valid: Optional[object]
+    train_fingerprint: str
+    valid_fingerprint: Optional[str]
+    tokenizer_fingerprint: str
+    tokenizer_dir: Optional[str]
+
+
+def _file_fingerprint(paths) -> str:
+    """Names, sizes and head/tail bytes of the files: cheap, and changes when the data does."""
+    digest = hashlib.sha256()
+    for path in paths:
+        for f in sorted(_expand(path)):
+            size = os.path.getsize(f)
+            digest.update(f"{os.path.basename(f)}:{size}".encode())
+            with open(f, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                if size > 2 << 20:
+                    handle.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def _expand(path: str) -> list:
+    if os.path.isfile(path):
+        return [path]
+    return [p for p in (path + ".bin", path + ".idx", path + ".pairs.npy", path + ".meta.json",
+                        path + ".json") if os.path.isfile(p)]
+
+
+def build_data(run: RunConfig) -> DataBundle:
+    """Tokenizer and datasets (memory-mapped or tokenised in memory). Errors are DataError."""
+    from megatron_pref.data import demo_task
+    from megatron_pref.data.datasets import open_preference_dataset
+    from megatron_pref.data.tokenizer import build_tokenizer
+
+    data = run.data
+    if data.uses_demo:
+        tokenizer = demo_task.demo_tokenizer()
+        train_files, valid_files = [demo_task.demo_data_path("train")], [demo_task.demo_data_path("valid")]
+        tokenizer_path = demo_task.demo_tokenizer_path()
+    else:
+        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
+        train_files, valid_files = data.data_path, data.valid_data_path
+        tokenizer_path = data.tokenizer_model
+    kwargs = {}
+    raw = all(str(p).lower().endswith((".jsonl", ".json", ".parquet")) for p in train_files)
+    if raw:
+        kwargs = dict(strict=data.strict, field_map=data.data_field_map) if not data.uses_demo else {}
+    train = open_preference_dataset(train_files if raw else train_files[0], tokenizer, **kwargs)
+    valid = None
+    if valid_files:
+        valid_raw = all(str(p).lower().endswith((".jsonl", ".json", ".parquet")) for p in valid_files)
+        valid = open_preference_dataset(valid_files if valid_raw else valid_files[0], tokenizer,
+                                        **(kwargs if valid_raw else {}))
+    tokenizer_dir = tokenizer_path if os.path.isdir(tokenizer_path) else None
+    return DataBundle(tokenizer, train, valid, _file_fingerprint(train_files),
+                      _file_fingerprint(valid_files) if valid_files else None,
+                      _file_fingerprint([tokenizer_path] if os.path.isfile(tokenizer_path) else
+                                        [str(p) for p in sorted(Path(tokenizer_path).glob("*")) if p.is_file()]),
+                      tokenizer_dir)
+
+
+def metric_names(loss_name: str, loss_config) -> list:
+    """The metric keys a loss reports (identical on every rank, so they can be all-reduced)."""
+    from megatron_pref.losses import PairStats, compute_loss
+
+    one = torch.ones(1)
+    stats = PairStats(chosen_logps=-one, rejected_logps=-2 * one, chosen_lengths=one, rejected_lengths=one,
+                      ref_chosen_logps=-one, ref_rejected_logps=-one, score_chosen=one, score_rejected=0 * one,
+                      rejected_token_logps=-2 * one)
+    names = set(compute_loss(loss_name, stats, loss_config).metrics) | {"loss"}
+    return sorted(names)
+
+
+def _reference_source(run: RunConfig, resumed_source: Optional[dict]) -> Optional[dict]:
+    """Where the reference weights come from: a checkpoint, or the seeded initialisation."""
+    from megatron_pref.losses import requires_reference
+
+    if not requires_reference(run.loss):
+        return None
+    if run.reference.ref_load:
+        return {"kind": "checkpoint", "path": os.path.abspath(run.reference.ref_load)}
+    if resumed_source is not None:
+        return resumed_source  # the reference of the run being resumed: its initial policy
+    if run.checkpoint.load:
+        return {"kind": "checkpoint", "path": os.path.abspath(run.checkpoint.load)}
+    return {"kind": "init", "seed": run.seed}
+
+
+def _load_reference_weights(model_chunks, source: dict, model_cfg) -> None:
+    if source["kind"] == "checkpoint":
+        load_weights_only(source["path"], model_chunks)
+    else:
+        for chunk in model_chunks:
+            layout_invariant_init(chunk, model_cfg, source["seed"])
+
+
+def _reference_fingerprint(source: dict, model_cfg) -> str:
+    if source["kind"] == "checkpoint":
+        return "checkpoint:" + checkpoint_fingerprint(source["path"])
+    return f"init:seed={source['seed']}"
+
+
+def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: DataBundle, loaders: dict,
+                    use_thd: bool):
+    """NoReference, a PrecomputedReference per split (cached), or an OnlineReference."""
+    if source is None:
+        return {split: NoReference() for split in loaders}
+    forward_step = logps_forward_step(model_cfg.vocab_size, use_thd, run.logprob_chunk_tokens)
+    ref_chunks = build_model_chunks(model_cfg, run.parallel, run.precision, wrap_ddp=False)
+    _load_reference_weights(ref_chunks, source, model_cfg)
+    if run.reference.ref_logprobs == "online":
+        online = OnlineReference(ref_chunks, forward_step)
+        return {split: online for split in loaders}
+
+    cache_root = Path(run.reference.ref_cache_dir or (Path(run.checkpoint.save or "runs/last") / "reference_cache"))
+    fingerprints = {"train": data.train_fingerprint, "valid": data.valid_fingerprint}
+    references = {}
+    for split, loader in loaders.items():
+        num_pairs = len(loader.dataset)
+        key = cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg), data.tokenizer_fingerprint,
+                        run.data.seq_length, run.data.max_prompt_length,
+                        "bf16" if run.precision.bf16 else "fp32" + (f"+fp8-{run.precision.fp8_recipe}"
+                                                                     if run.precision.fp8_format else ""),
+                        model_cfg.to_dict())
+        table = load_cached_table(cache_root / split, key, num_pairs)
+        if table is None:
+            bar = progress_bar(loader.num_usable_pairs, f"reference log-probs ({split})",
+                               disable=run.log.no_progress_bar)
+            table, seen = compute_reference_table(ref_chunks, loader.iter_once(EVAL_PAIRS_PER_STEP), num_pairs,
+                                                  forward_step, bar)
+            bar.close()
+            missing = np.setdiff1d(loader.source.usable, np.nonzero(seen)[0])
+            if len(missing):
+                raise RuntimeError(f"reference pass missed {len(missing)} pairs of the {split} split")
+            if is_logging_rank():
+                save_cached_table(cache_root / split, key, table)
+            if dist.is_initialized():
+                dist.barrier()
+        references[split] = PrecomputedReference(table)
+    del ref_chunks  # precomputed: the reference weights are no longer needed
+    return references
+
+
+def evaluate(model_chunks, loader, reference, forward_step, names, max_steps: Optional[int],
+             progress: bool) -> dict:
+    """Held-out loss and metrics, every usable pair once (or ``max_steps`` steps)."""
+    sums = dict.fromkeys(names, 0.0)
+    pairs = 0
+    bar = progress_bar(loader.num_usable_pairs, "evaluation", disable=not progress)
+    for step, packs in enumerate(loader.iter_once(EVAL_PAIRS_PER_STEP)):
+        if max_steps is not None and step >= max_steps:
+            break
+        micro = [MicroBatch(p) for p in packs]
+        reference.attach(micro)
+        from megatron_pref.engine import global_pair_counts
+
+        step_pairs, rejected_tokens = global_pair_counts(micro)
+        for m in micro:
+            m.pairs_per_rejected_token = step_pairs / max(rejected_tokens, 1)
+        outputs = forward_only_pass(model_chunks, micro, forward_step)
+        for name, value in metric_sums_over_data_parallel(outputs, names).items():
+            sums[name] += value
+        pairs += step_pairs
+        bar.update(sum(p.num_pairs for p in packs))
+    bar.close()
+    return {f"eval/{name}": value / max(pairs, 1) for name, value in sums.items()}
+
+
+def demo_exact_match(model_chunks, tokenizer, use_thd: bool, split: str = "test") -> float:
+    """Greedy answers to the demo's held-out prompts, scored exactly."""
+    from megatron_pref.data import demo_task
+    from megatron_pref.generation import greedy_generate
+
+    rows = demo_task.load_demo_rows(split)
+    prompts = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(r["prompt"])
+               for r in rows]
+    answers = greedy_generate(model_chunks, prompts, tokenizer.vocab_size, tokenizer.eos_id,
+                              max_new_tokens=5, use_thd=use_thd)
+    texts = [tokenizer.decode(a) for a in answers]
+    return demo_task.exact_match_accuracy([r["prompt"] for r in rows], texts)
+
+
+def _train_iters(run: RunConfig, loader) -> int:
+    if run.optim.train_iters:
+        return run.optim.train_iters
+    if run.optim.train_epochs:
+        return max(1, math.ceil(run.optim.train_epochs * loader.pairs_per_epoch / run.optim.global_batch_size))
+    raise ConfigError("give --train-iters or --train-epochs")
+
+
+def train(run: RunConfig) -> dict:
+    """Run preference training; returns the final metrics (on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_pref.data.packing import PackedPairLoader, compute_pad_multiple
+
+    # --- Cheap validation of files, before any process group or model --------------------
+    checkpoint_model = None
+    if run.checkpoint.load:
+        validate_checkpoint_dir(run.checkpoint.load)
+        checkpoint_model = read_model_config(run.checkpoint.load)
+    if run.reference.ref_load:
+        validate_checkpoint_dir(run.reference.ref_load)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        run.parallel.validate_for(resolve_model_config(run, None, checkpoint_model), world_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    data = build_data(run)
+    model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
+    if run.precision.transformer_impl == "auto":
+        run.precision.transformer_impl = default_transformer_impl()
+    use_thd = run.precision.transformer_impl == "transformer_engine"
+
+    # --- Process groups --------------------------------------------------------------------
+    cpu_mode = parallel.initialize(run.parallel, run.seed)
+    setup_console_logging()
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if run.optim.global_batch_size % dp_size:
+        raise ConfigError(f"--global-batch-size {run.optim.global_batch_size} is not divisible by the "
+                          f"data-parallel size {dp_size}")
+    logger.info("megatron-pref: loss=%s, %s, world=%d (TP=%d PP=%d DP=%d), %s, model %s",
+                run.loss, "CPU/gloo" if cpu_mode else "GPU", world_size, run.parallel.tensor_model_parallel_size,
+                run.parallel.pipeline_model_parallel_size, dp_size, run.precision.transformer_impl,
+                json.dumps({k: v for k, v in model_cfg.to_dict().items() if v is not None}))
+
+    # --- Data --------------------------------------------------------------------------------
+    pad_multiple = compute_pad_multiple(fp8=bool(run.precision.fp8_format),
+                                        tensor_parallel=run.parallel.tensor_model_parallel_size,
+                                        sequence_parallel=run.parallel.sequence_parallel)
+    loader_kwargs = dict(seq_length=run.data.seq_length, dp_rank=dp_rank, dp_size=dp_size, seed=run.seed,
+                         pad_multiple=pad_multiple, max_prompt_length=run.data.max_prompt_length)
+    train_loader = PackedPairLoader(data.train, global_batch_pairs=run.optim.global_batch_size, **loader_kwargs)
+    valid_loader = (PackedPairLoader(data.valid, global_batch_pairs=dp_size, **loader_kwargs)
+                    if data.valid is not None else None)
+    train_iters = _train_iters(run, train_loader)
+
+    # --- Model, optimizer, scheduler, state ------------------------------------------------
+    model_chunks = build_model_chunks(model_cfg, run.parallel, run.precision,
+                                      use_distributed_optimizer=run.optim.use_distributed_optimizer)
+    if not run.checkpoint.load:
+        for chunk in model_chunks:
+            layout_invariant_init(chunk, model_cfg, run.seed)
+    optimizer = build_optimizer(model_chunks, run.optim, run.precision)
+    scheduler = build_scheduler(optimizer, run.optim, train_iters)
+    state, resumed_reference = TrainState(), None
+    if run.checkpoint.load:
+        loaded = load_checkpoint(run.checkpoint.load, model_chunks, optimizer, scheduler,
+                                 load_optimizer=not run.checkpoint.no_load_optim,
+                                 load_rng=not run.checkpoint.no_load_rng)
+        if loaded is not None:
+            state = loaded
+            resumed_reference = _stored_reference_source(run.checkpoint.load)
+            logger.info("resuming from %s at step %d (%d pairs consumed)", run.checkpoint.load,
+                        state.iteration, state.consumed_pairs)
+    train_loader.consumed_pairs = state.consumed_pairs
+
+    # --- Reference log-probs ------------------------------------------------------------------
+    reference_source = _reference_source(run, resumed_reference)
+    loaders = {"train": train_loader}
+    if valid_loader is not None:
+        loaders["valid"] = valid_loader
+    references = build_reference(run, reference_source, model_cfg, data, loaders, use_thd)
+
+    # --- Logging ----------------------------------------------------------------------------
+    log_dir = run.log.tensorboard_dir or run.checkpoint.save
+    metrics_file = run.log.metrics_file or (os.path.join(log_dir, "metrics.jsonl") if log_dir else None)
+    run_summary = {"loss": run.loss, "loss_config": asdict(run.loss_config), "model": model_cfg.to_dict(),
+                   "parallel": asdict(run.parallel), "optim": asdict(run.optim)}
+    metrics_logger = MetricsLogger(train_iters, run.log.tensorboard_dir, run.log.wandb_project,
+                                   run.log.wandb_exp_name, run.log.wandb_save_dir, metrics_file, run_summary)
+    names = metric_names(run.loss, run.loss_config)
+    forward_step = preference_forward_step(run.loss, run.loss_config, model_cfg.vocab_size, use_thd,
+                                           run.logprob_chunk_tokens)
+
+    def run_evaluation(tag: str) -> dict:
+        if valid_loader is None:
+            return {}
+        results = evaluate(model_chunks, valid_loader, references["valid"], forward_step, names,
+                           run.log.eval_iters, progress=not run.log.no_progress_bar)
+        if run.data.uses_demo:
+            results["eval/exact_match"] = demo_exact_match(model_chunks, data.tokenizer, use_thd)
+        logger.info("%s evaluation: %s", tag, "  ".join(
+            f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()
+            if k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/exact_match")))
+        return results
+
+    before = run_evaluation("initial") if state.iteration == 0 else {}
+    if before:
+        metrics_logger.log(state.iteration, before, console=False)
+
+    # --- The loop -----------------------------------------------------------------------------
+    last_metrics: dict = {}
+    window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0}
+    while state.iteration < train_iters:
+        start = time.time()
+        packs = train_loader.next_global_batch()
+        micro = [MicroBatch(p) for p in packs]
+        references["train"].attach(micro)
+        result = train_step(model_chunks, optimizer, micro, forward_step, names, state.iteration + 1,
+                            run.skip_nonfinite_batches)
+        scheduler.step(increment=1)
+        state.iteration += 1
+        state.consumed_pairs = train_loader.consumed_pairs
+        state.epoch = train_loader.epoch
+        window["time"] += time.time() - start
+        window["real_tokens"] += _global_sum(sum(p.num_real_tokens for p in packs))
+        window["pack_tokens"] += _global_sum(sum(p.pack_length for p in packs))
+
+        if state.iteration % run.log.log_interval == 0 or state.iteration == train_iters:
+            last_metrics = {name: value / max(result.num_pairs, 1) for name, value in result.metric_sums.items()}
+            last_metrics.update({
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": result.grad_norm,
+                "tokens_per_sec": window["real_tokens"] / max(window["time"], 1e-9),
+                "packing_efficiency": window["real_tokens"] / max(window["pack_tokens"], 1),
+                "consumed_pairs": state.consumed_pairs,
+                "skipped": float(result.skipped),
+            })
+            metrics_logger.log(state.iteration, last_metrics)
+            window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0}
+        if run.log.eval_interval and state.iteration % run.log.eval_interval == 0 and state.iteration < train_iters:
+            metrics_logger.log(state.iteration, run_evaluation(f"step {state.iteration}"), console=False)
+        if run.checkpoint.save and run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
+            _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data, reference_source)
+        if run.checkpoint.exit_interval and state.iteration % run.checkpoint.exit_interval == 0:
+            logger.info("exiting after step %d (--exit-interval)", state.iteration)
+            metrics_logger.close()
+            return {"train": last_metrics, "eval_before": before, "eval_after": {}, "iteration": state.iteration,
+                    "weights_sha256": weights_digest(model_chunks)}
+
+    after = run_evaluation("final")
+    if after:
+        metrics_logger.log(state.iteration, after, console=False)
+    if run.checkpoint.save and (not run.checkpoint.save_interval or state.iteration % run.checkpoint.save_interval):
+        _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data, reference_source)
+    if before and after:
+        logger.info("held-out preference accuracy: %.3f -> %.3f%s", before["eval/rewards/accuracies"],
+                    after["eval/rewards/accuracies"],
+                    f"; exact match: {before['eval/exact_match']:.3f} -> {after['eval/exact_match']:.3f}"
+                    if "eval/exact_match" in after else "")
+    metrics_logger.close()
+    return {"train": last_metrics, "eval_before": before, "eval_after": after, "iteration": state.iteration,
+            "weights_sha256": weights_digest(model_chunks)}
+
+
+def weights_digest(model_chunks) -> str:
+    """sha256 of this rank's parameters, in name order: equal digests = bit-identical weights."""
+    digest = hashlib.sha256()
+    for chunk in model_chunks:
+        for name, param in sorted(unwrap(chunk).named_parameters()):
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _global_sum(value: int) -> int:
+    """Sum of a per-DP-rank count over the data-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return int(t.item())
+
+
+REFERENCE_SOURCE_FILE = "reference_source.json"
+
+
+def _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data, reference_source) -> None:
+    path = save_checkpoint(run.checkpoint.save, model_chunks, optimizer, scheduler, state, model_cfg,
+                           tokenizer_dir=data.tokenizer_dir, run_metadata={"loss": run.loss})
+    if is_logging_rank() and reference_source is not None:
+        from megatron_pref.convert.checkpoint_io import write_json_atomic
+
+        write_json_atomic(Path(run.checkpoint.save) / REFERENCE_SOURCE_FILE, reference_source)
+    logger.info("saved checkpoint %s", path)
+
+
+def _stored_reference_source(load_dir) -> Optional[dict]:
+    path = Path(load_dir) / REFERENCE_SOURCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,55 @@
+"""Preference training on megatron-core: ``torchrun --nproc-per-node N pretrain_pref.py --loss spo ...``.
+
+With no data flags it trains a tiny GPT on the bundled demo task (CPU/gloo without a GPU).
+"""
+
+import os
+import sys
+import warnings
+
+
+def main(argv=None) -> int:
+    # Quiet the import-time notices of optional GPU packages before megatron-core loads.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from megatron_pref.arguments import ConfigError, parse_run_config
+
+    try:
+        run = parse_run_config(argv)
+        from megatron_pref.training import train
+
+        train(run)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        return _fail(exc, "error")
+    except Exception as exc:  # pragma: no cover - the classes below are imported lazily
+        from megatron_pref.checkpointing import CheckpointError
+        from megatron_pref.convert.errors import ConversionError
+        from megatron_pref.data.errors import DataError
+        from megatron_pref.engine import NonFiniteLoss
+
+        if isinstance(exc, (DataError, CheckpointError, ConversionError)):
+            return _fail(exc, "error")
+        if isinstance(exc, NonFiniteLoss):
+            return _fail(exc, "stopped", code=3)
+        raise
+    finally:
+        from megatron_pref import parallel
+
+        try:
+            parallel.destroy()
+        except Exception:
+            pass
+    return 0
+
+
+def _fail(exc, label, code=2) -> int:
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"{label}: {exc}", file=sys.stderr)
+    return code
+
+
+# The guard matters: dist_checkpointing's async writer starts a multiprocessing Manager that
+# re-imports __main__; without it a save hangs.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""pretrain_pref end to end on CPU/gloo: step-0 identity, resume, resharding, the reference
+cache, every loss, the demo learning, and bad input."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_pref.arguments import parse_run_config
+from megatron_pref.model import ParallelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(__file__).resolve().parent / "_data"
+
+
+def _demo_subset(directory, name, rows, mutate=None):
+    """The first ``rows`` pairs of the bundled demo data as a JSONL file."""
+    from megatron_pref.data import demo_task
+
+    lines = Path(demo_task.demo_data_path("train")).read_text().splitlines()[:rows]
+    if mutate:
+        lines = mutate(lines)
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def data_flags(train_file, valid_file):
+    from megatron_pref.data import demo_task
+
+    return ["--data-path", train_file, "--valid-data-path", valid_file,
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", demo_task.demo_tokenizer_path()]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Flags for a small model on 96 demo pairs (48 held out): seconds per run."""
+    directory = tmp_path_factory.mktemp("data")
+    train_file = _demo_subset(directory, "train.jsonl", 96)
+    valid_file = _demo_subset(directory, "valid.jsonl", 48, mutate=lambda ls: ls[::-1])
+    return data_flags(train_file, valid_file) + MODEL_FLAGS
+
+
+MODEL_FLAGS = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
+               "--max-position-embeddings", "128", "--normalization", "RMSNorm", "--swiglu",
+               "--position-embedding-type", "rope", "--make-vocab-size-divisible-by", "16",
+               "--global-batch-size", "8", "--seq-length", "64", "--log-interval", "1", "--no-progress-bar",
+               "--eval-iters", "1", "--lr", "1e-3", "--clip-grad", "1.0"]
+
+
+def _train(argv):
+    from megatron_pref.training import train
+
+    return train(parse_run_config(argv))
+
+
+def run_training(distributed, world_size, argv):
+    """pretrain_pref's train() on ``world_size`` gloo ranks; rank 0's result."""
+    results = distributed(_train, world_size, ParallelConfig(), argv, init_parallel=False)
+    return results
+
+
+def layout_flags(tp, pp):
+    return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
+
+
+@pytest.mark.parametrize("world,tp,pp,seq_length", [(1, 1, 1, 64), (2, 2, 1, 64), (2, 1, 2, 64), (1, 1, 1, 128)])
+def test_step_zero_identity(distributed, tmp_path, world, tp, pp, seq_length, tiny):
+    """Reference = initial policy: DPO loss ln 2, zero rewards, at every layout and packing."""
+    argv = tiny + layout_flags(tp, pp) + ["--loss", "dpo", "--train-iters", "1", "--seq-length", str(seq_length),
+                                          "--ref-cache-dir", str(tmp_path / "cache")]
+    result = run_training(distributed, world, argv)[0]
+    first = result["train"]
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[name]) < 1e-6, name
+    assert abs(result["eval_before"]["eval/loss"] - math.log(2)) < 1e-6
+
+
+def test_step_zero_identity_breaks_with_another_reference(distributed, tmp_path, tiny):
+    """Negative control: a reference from another seed gives a loss away from ln 2."""
+    argv = tiny + ["--loss", "dpo", "--train-iters", "1", "--ref-cache-dir", str(tmp_path / "cache")]
+    from megatron_pref import training
+
+    original = training._reference_source
+    try:
+        training._reference_source = lambda run, resumed: {"kind": "init", "seed": run.seed + 1}
+        result = run_training(distributed, 1, argv)[0]
+    finally:
+        training._reference_source = original
+    # Tiny random models give log-probs near uniform: the gap is small but far above 1e-6.
+    assert abs(result["eval_before"]["eval/loss"] - math.log(2)) > 1e-4
+
+
+def test_resume_equals_uninterrupted(distributed, tmp_path, tiny):
+    """2 steps + save + load + 2 steps == 4 steps, bit for bit."""
+    common = tiny + ["--loss", "spo", "--ref-cache-dir", str(tmp_path / "cache"), "--eval-interval", "100"]
+    whole = run_training(distributed, 2, common + ["--train-iters", "4"])
+    run_training(distributed, 2, common + ["--train-iters", "4", "--save", str(tmp_path / "ckpt"),
+                                           "--save-interval", "2", "--exit-interval", "2"])
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000002"
+    resumed = run_training(distributed, 2, common + ["--train-iters", "4", "--load", str(tmp_path / "ckpt")])
+    assert [r["weights_sha256"] for r in resumed] == [r["weights_sha256"] for r in whole]
+    assert resumed[0]["train"]["loss"] == whole[0]["train"]["loss"]
+
+
+def test_checkpoint_reshards_between_layouts(distributed, tmp_path, tiny):
+    """Saved at TP=2/PP=2, loaded at TP=1/PP=1 (and back): the same held-out loss."""
+    common = tiny + ["--loss", "simpo", "--beta", "2.0", "--eval-interval", "100"]
+    saved = run_training(distributed, 4, common + layout_flags(2, 2) + ["--train-iters", "2", "--save",
+                                                                       str(tmp_path / "a")])
+    want = saved[0]["eval_after"]["eval/loss"]
+    # --train-iters 2 again: nothing left to train, only the final evaluation runs.
+    single = run_training(distributed, 1, common + ["--train-iters", "2", "--load", str(tmp_path / "a"),
+                                                    "--save", str(tmp_path / "b")])
+    assert single[0]["iteration"] == 2
+    assert single[0]["eval_after"]["eval/loss"] == pytest.approx(want, abs=1e-5)
+    back = run_training(distributed, 4, common + layout_flags(2, 2) + ["--train-iters", "2", "--load",
+                                                                      str(tmp_path / "b")])
+    assert back[0]["eval_after"]["eval/loss"] == pytest.approx(want, abs=1e-5)
+
+
+def _die_during_save(argv):
+    """Train, but crash inside the second save after part of it was written."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_pref import checkpointing
+
+    original = dist_checkpointing.save
+    calls = {"n": 0}
+
+    def flaky_save(state, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(path, "partial.bin").write_bytes(b"half written")
+            raise KeyboardInterrupt("killed during save")
+        return original(state, path, *a, **k)
+
+    dist_checkpointing.save = flaky_save
+    try:
+        return _train(argv)
+    except KeyboardInterrupt:
+        return "killed"
+    finally:
+        dist_checkpointing.save = original
+        del checkpointing
+
+
+def test_killed_save_resumes_from_last_complete_checkpoint(distributed, tmp_path, tiny):
+    ckpt = tmp_path / "ckpt"
+    argv = tiny + ["--loss", "slime", "--train-iters", "4", "--save", str(ckpt), "--save-interval", "2",
+                   "--eval-interval", "100"]
+    assert distributed(_die_during_save, 1, ParallelConfig(), argv, init_parallel=False) == ["killed"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000002"
+    assert (ckpt / "iter_0000004.tmp").is_dir() and not (ckpt / "iter_0000004").exists()
+    resumed = run_training(distributed, 1, argv + ["--load", str(ckpt)])
+    assert resumed[0]["iteration"] == 4
+    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
+    assert not (ckpt / "iter_0000004.tmp").exists()
+
+
+def test_reference_cache_is_used_and_invalidated(distributed, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    train_file = _demo_subset(tmp_path, "train.jsonl", 64)
+    valid_file = _demo_subset(tmp_path, "valid.jsonl", 16)
+    argv = data_flags(train_file, valid_file) + MODEL_FLAGS + ["--loss", "dpo", "--train-iters", "1",
+                                                             "--ref-cache-dir", str(cache)]
+    first = run_training(distributed, 1, argv)[0]["train"]["loss"]
+    table_path = cache / "train" / "reference_logps.npy"
+    key = json.loads((cache / "train" / "reference_logps.json").read_text())
+
+    # The cache is really read: perturbing it changes the loss.
+    table = np.load(table_path)
+    np.save(table_path, table + np.array([0.0, 3.0]))
+    perturbed = run_training(distributed, 1, argv)[0]["train"]["loss"]
+    assert abs(perturbed - first) > 1e-3
+    np.save(table_path, table)
+    assert run_training(distributed, 1, argv)[0]["train"]["loss"] == pytest.approx(first, abs=1e-9)
+
+    # Changed data -> rebuilt (key's data field changes).
+    changed = _demo_subset(tmp_path, "train.jsonl", 64, mutate=lambda ls: ls[:-1] + [ls[-1].replace('"rejected":"', '"rejected":"9')])
+    assert changed == train_file
+    run_training(distributed, 1, argv)
+    new_key = json.loads((cache / "train" / "reference_logps.json").read_text())
+    assert new_key["data"] != key["data"] and new_key["reference"] == key["reference"]
+
+    # Changed reference -> rebuilt (key's reference field changes).
+    run_training(distributed, 1, argv + ["--seed", "99"])
+    assert json.loads((cache / "train" / "reference_logps.json").read_text())["reference"] != key["reference"]
+
+
+def test_stale_cache_log_names_the_changed_field(tmp_path, caplog):
+    from megatron_pref.reference import cache_key, load_cached_table, save_cached_table
+
+    key = cache_key("data-a", "ref", "tok", 64, None, "fp32", {"hidden_size": 8})
+    save_cached_table(tmp_path, key, np.zeros((3, 2)))
+    assert load_cached_table(tmp_path, key, 3) is not None
+    stale = cache_key("data-b", "ref", "tok", 64, None, "fp32", {"hidden_size": 8})
+    with caplog.at_level("INFO"):
+        assert load_cached_table(tmp_path, stale, 3) is None
+    assert "stale (data changed)" in caplog.text
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "hinge", "spo", "slime", "simpo", "orpo", "sft"])
+def test_every_loss_trains_end_to_end(distributed, tmp_path, loss, tiny):
+    argv = tiny + ["--loss", loss, "--train-iters", "3", "--ref-cache-dir", str(tmp_path / "cache"),
+                   "--ref-logprobs", "online" if loss == "ipo" else "precompute"]
+    result = run_training(distributed, 2, argv)[0]
+    assert result["iteration"] == 3
+    assert math.isfinite(result["train"]["loss"]) and result["train"]["grad_norm"] > 0
+
+
+def test_online_reference_equals_precomputed(distributed, tmp_path, tiny):
+    common = tiny + ["--loss", "dpo", "--train-iters", "2", "--ref-cache-dir", str(tmp_path / "cache")]
+    pre = run_training(distributed, 1, common)[0]
+    online = run_training(distributed, 1, common + ["--ref-logprobs", "online"])[0]
+    assert online["train"]["loss"] == pytest.approx(pre["train"]["loss"], abs=1e-6)
+    assert online["weights_sha256"] == pre["weights_sha256"] or online["train"]["loss"] == pytest.approx(
+        pre["train"]["loss"], abs=1e-6)
+
+
+def test_metrics_file_and_tensorboard(distributed, tmp_path, tiny):
+    argv = tiny + ["--loss", "spo", "--train-iters", "2", "--tensorboard-dir", str(tmp_path / "tb"),
+                   "--ref-cache-dir", str(tmp_path / "cache")]
+    run_training(distributed, 1, argv)
+    lines = [json.loads(l) for l in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    steps = [l for l in lines if "loss" in l]
+    assert [l["iteration"] for l in steps] == [1, 2]
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "lr", "grad_norm", "tokens_per_sec"):
+        assert name in steps[0], name
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tb").iterdir())
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def run_cli(args, env_extra=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(REPO / "pretrain_pref.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_cli(nproc, args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           str(REPO / "pretrain_pref.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loss", "nope"], "--loss 'nope' is unknown"),
+    (["--beta", "0"], "beta"),
+    (["--data-path", "/no/such/file.jsonl", "--tokenizer-type", "SentencePieceTokenizer",
+      "--tokenizer-model", "/no/such/tok.model"], "--tokenizer-model /no/such/tok.model: no such file"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+    (["--num-attention-heads", "3", "--hidden-size", "96", "--tensor-model-parallel-size", "2"],
+     "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
+    (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--load", "/no/such/dir"], "--load /no/such/dir: no such directory"),
+    (["--ref-load", "/tmp", "--loss", "slime"], "reference-free"),
+])
+def test_bad_input_is_one_line(args, message):
+    out = run_cli(args + ["--no-progress-bar"], timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+    from megatron_pref.data import demo_task
+
+    out = run_cli(["--data-path", str(tmp_path / "missing.jsonl"), "--tokenizer-type", "SentencePieceTokenizer",
+                   "--tokenizer-model", demo_task.demo_tokenizer_path()])
+    assert out.returncode == 2 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_load_with_a_different_architecture_names_the_field(distributed, tmp_path, tiny):
+    run_training(distributed, 1, tiny + ["--loss", "sft", "--train-iters", "1", "--save", str(tmp_path / "c")])
+    out = run_cli(tiny + ["--loss", "sft", "--load", str(tmp_path / "c"), "--hidden-size", "48"])
+    assert out.returncode == 2
+    assert "--hidden-size 48 differs from the --load checkpoint's hidden_size=32" in out.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny):
+    out = run_cli(tiny + ["--loss", "sft", "--train-iters", "5", "--lr", "1e30", "--clip-grad", "0"])
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert "at step" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """The Quickstart command: held-out preference accuracy rises well above chance."""
+    out = torchrun_cli(2, ["--loss", "spo", "--no-progress-bar", "--save", str(tmp_path / "demo")], timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(l) for l in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if "eval/rewards/accuracies" in l]
+    before, after = evals[0]["eval/rewards/accuracies"], evals[-1]["eval/rewards/accuracies"]
+    assert after > 0.75, (before, after)
+    assert "held-out preference accuracy" in out.stdout
