@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Preference optimisation (DPO family, SPO, SLIME) at pretraining scale on megatron-core",
     packages=find_packages(include=["megatron_pref", "megatron_pref.*"]),
-    package_data={"megatron_pref": ["assets/*"]},
+    package_data={"megatron_pref": ["assets/demo/*"]},
     python_requires=">=3.10",
     install_requires=[
         "megatron-core==0.16.1",
@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         "logging": ["tensorboard", "wandb"],
-        "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest"],
+        # megatron-core 0.16.1 is tested with TE 2.9 - 2.11.
+        "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
+        "test": ["pytest", "pyyaml"],
     },
 )

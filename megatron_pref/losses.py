@@ -305,7 +305,7 @@ def spo_target(stats: PairStats, config: LossConfig) -> tuple[Tensor, Tensor]:
     * ``spo_target_from_scores``: target = ``score_chosen - score_rejected`` (the
       reward margin, see :func:`spo_loss`). Policy for bad gaps:
 
-      - gap <= 0 (tie or scores contradict the labels): the pair carries no
+      - gap <= 0, or a missing score (NaN in packed batches): the pair carries no
         usable preference, so it is **skipped** (mask False, zero loss). It still
         counts in the global pair count, keeping the normalisation split-invariant.
       - 0 < gap < ``spo_min_target``: raised to ``spo_min_target`` so that
@@ -320,7 +320,7 @@ def spo_target(stats: PairStats, config: LossConfig) -> tuple[Tensor, Tensor]:
             )
         gap = (stats.score_chosen - stats.score_rejected).to(ref.dtype)
         # Scores are data, not parameters: never differentiate through the target.
-        gap = gap.detach()
+        gap = torch.nan_to_num(gap.detach(), nan=0.0)
         valid = gap > 0
         return gap.clamp(min=config.spo_min_target), valid
     target = torch.full_like(ref, config.spo_target_margin).detach()

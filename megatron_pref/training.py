@@ -244,6 +244,11 @@ def train(run: RunConfig) -> dict:
     if run.reference.ref_load:
         validate_checkpoint_dir(run.reference.ref_load)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if run.optim.use_distributed_optimizer and not torch.cuda.is_available():
+        # megatron-core's distributed optimizer type-checks for torch.cuda tensors.
+        raise ConfigError("--use-distributed-optimizer needs GPUs; on CPU drop the flag")
+    if run.precision.fp8_format and not torch.cuda.is_available():
+        raise ConfigError("--fp8-format needs GPUs with Transformer Engine")
     try:
         run.parallel.validate_for(resolve_model_config(run, None, checkpoint_model), world_size)
     except ValueError as exc:

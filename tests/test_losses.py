@@ -560,3 +560,14 @@ def test_slime_masked_token_form_equals_flat_form():
     # Negative control: without the mask the junk tokens change the loss.
     unmasked = dataclasses.replace(masked, rejected_token_mask=None, rejected_lengths=flat.rejected_lengths)
     assert not torch.isclose(compute_loss("slime", unmasked, cfg, check_values=False).loss_sum, want)
+
+
+def test_spo_pair_without_scores_is_skipped():
+    """Packed batches carry NaN for a pair with no score: no loss, no gradient, no NaN."""
+    stats = ref_stats([0.5, 0.5], grad=True)
+    stats = dataclasses.replace(stats, score_chosen=t(2.0, float("nan")), score_rejected=t(1.0, 0.0))
+    out = compute_loss("spo", stats, LossConfig(beta=1.0, spo_target_from_scores=True))
+    assert torch.isfinite(out.loss_sum)
+    assert out.pair_losses[1].item() == 0.0 and out.pair_losses[0].item() > 0.0
+    out.loss_sum.backward()
+    assert torch.isfinite(stats.chosen_logps.grad).all() and stats.chosen_logps.grad[1].item() == 0.0

@@ -239,6 +239,17 @@ def test_metrics_file_and_tensorboard(distributed, tmp_path, tiny):
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tb").iterdir())
 
 
+def test_wandb_offline(distributed, tmp_path, tiny, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    argv = tiny + ["--loss", "sft", "--train-iters", "1", "--wandb-project", "megatron-pref-test",
+                   "--wandb-exp-name", "offline", "--wandb-save-dir", str(tmp_path / "wb")]
+    run_training(distributed, 1, argv)
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
 # --------------------------------------------------------------------------- the command line
 
 
@@ -265,6 +276,7 @@ def torchrun_cli(nproc, args, timeout=300):
      "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
     (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--use-distributed-optimizer"], "--use-distributed-optimizer needs GPUs"),
     (["--load", "/no/such/dir"], "--load /no/such/dir: no such directory"),
     (["--ref-load", "/tmp", "--loss", "slime"], "reference-free"),
 ])
