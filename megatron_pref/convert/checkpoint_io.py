@@ -1,0 +1,197 @@
+"""The checkpoint layout that ``pretrain_pref.py --load`` reads and the converters write.
+
+::
+
+    DIR/
+      latest                      text: the iteration directory's name, e.g. "iter_0000000"
+      megatron_pref_config.json   {"model": ModelConfig.to_dict(), "format_version": 1, "source": {...}}
+      tokenizer/                  the tokenizer files (tokenizer.json, tokenizer_config.json, ...)
+      iter_0000000/               megatron-core dist_checkpointing checkpoint (torch_dist):
+                                  {"model": model.sharded_state_dict()}; training adds
+                                  "optimizer", "scheduler", "rng", "consumed_pairs" to later ones
+
+The model state is a *sharded* state dict: global tensors with their TP/PP placement, so the
+checkpoint loads at any tensor/pipeline parallel size. Vocabulary tensors carry
+``allow_shape_mismatch``: a different vocab padding on load is filled with zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_pref.convert.errors import ConversionError
+from megatron_pref.model import ModelConfig
+
+CONFIG_FILE = "megatron_pref_config.json"
+LATEST_FILE = "latest"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+# Files that make up a Hugging Face tokenizer (what AutoTokenizer.from_pretrained reads).
+TOKENIZER_FILE_NAMES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def iteration_name(iteration: int) -> str:
+    return f"iter_{int(iteration):07d}"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def default_file_mode() -> int:
+    """0o666 minus the umask: what open() would have given (mkstemp uses 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def tokenizer_files(src_dir) -> list:
+    src = Path(src_dir)
+    return [src / name for name in TOKENIZER_FILE_NAMES if (src / name).is_file()]
+
+
+def copy_tokenizer(src_dir, dst_dir) -> list:
+    """Copy the tokenizer files of ``src_dir`` into ``dst_dir``; returns the names copied."""
+    files = tokenizer_files(src_dir)
+    if files:
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, Path(dst_dir) / f.name)
+    return [f.name for f in files]
+
+
+def _unwrap(model):
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError("save/load_model_checkpoint handle one model chunk (no virtual pipeline stages)")
+        model = model[0]
+    while hasattr(model, "module"):  # DDP, Float16Module
+        model = model.module
+    return model
+
+
+def save_model_checkpoint(model, model_cfg: ModelConfig, out_dir, iteration: int = 0,
+                          tokenizer_dir=None, extra_metadata: Optional[dict] = None) -> Path:
+    """Save this rank's part of ``model`` into ``out_dir`` in the layout above. Collective.
+
+    Every rank calls it with its own pipeline stage / tensor shard; rank 0 writes the JSON
+    config, the tokenizer copy and, last, ``latest`` (so ``latest`` names only complete
+    checkpoints). Returns the iteration directory.
+    """
+    from megatron.core import dist_checkpointing
+
+    out = Path(out_dir)
+    ckpt_dir = out / iteration_name(iteration)
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save({"model": _unwrap(model).sharded_state_dict()}, str(ckpt_dir))
+    if _rank() == 0:
+        metadata = {"model": model_cfg.to_dict(), "format_version": FORMAT_VERSION, "source": {}}
+        metadata.update(extra_metadata or {})
+        write_json_atomic(out / CONFIG_FILE, metadata)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, out / TOKENIZER_DIR)
+        write_text_atomic(out / LATEST_FILE, iteration_name(iteration) + "\n")
+    _barrier()
+    return ckpt_dir
+
+
+def read_checkpoint_metadata(ckpt_dir) -> dict:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{ckpt_dir} is not a megatron_pref checkpoint (no {CONFIG_FILE})")
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot parse {path}: {exc}") from None
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ConversionError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    return metadata
+
+
+def read_model_config(ckpt_dir) -> ModelConfig:
+    """The architecture stored with a checkpoint (``--load DIR`` needs no architecture flags)."""
+    return ModelConfig.from_dict(read_checkpoint_metadata(ckpt_dir)["model"])
+
+
+def resolve_iteration_dir(ckpt_dir, iteration: Optional[int] = None) -> Path:
+    """``DIR/<latest>`` (or ``DIR/iter_{iteration}``); ``DIR`` itself if it is a dist checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    if iteration is not None:
+        path = ckpt_dir / iteration_name(iteration)
+    elif (ckpt_dir / LATEST_FILE).is_file():
+        name = (ckpt_dir / LATEST_FILE).read_text().strip()
+        path = ckpt_dir / (iteration_name(int(name)) if name.isdigit() else name)
+    elif (ckpt_dir / "metadata.json").is_file():
+        return ckpt_dir
+    else:
+        raise ConversionError(f"no {LATEST_FILE} file in {ckpt_dir}")
+    if not (path / "metadata.json").is_file():
+        raise ConversionError(f"{path} is not a complete distributed checkpoint (no metadata.json)")
+    return path
+
+
+def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None, strict: bool = True) -> dict:
+    """Load the model state of ``ckpt_dir`` (its ``latest`` iteration) into this rank's ``model``.
+
+    Collective. Works at any TP/PP: each rank reads its own shards of the global tensors.
+    Returns the checkpoint's metadata (``megatron_pref_config.json``).
+    """
+    from megatron.core import dist_checkpointing
+
+    metadata = read_checkpoint_metadata(ckpt_dir)
+    module = _unwrap(model)
+    path = resolve_iteration_dir(ckpt_dir, iteration)
+    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+    module.load_state_dict(state["model"], strict=strict)
+    return metadata
+
+
+def checkpoint_tensor_dtype(ckpt_dir, key: str = "embedding.word_embeddings.weight") -> torch.dtype:
+    """The dtype the checkpoint stores ``key`` in (read from the metadata, no tensor data)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(resolve_iteration_dir(ckpt_dir)))
+    if key not in metadata:
+        key = next(iter(metadata))
+    return metadata[key].dtype
