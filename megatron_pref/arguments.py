@@ -379,9 +379,11 @@ def resolve_model_config(run: RunConfig, vocab_size: Optional[int],
             stored = getattr(checkpoint_model, name)
             if stored != value:
                 raise ConfigError(f"{_flag(name)} {value} differs from the --load checkpoint's {name}={stored}")
-        if vocab_size is not None and checkpoint_model.vocab_size != vocab_size:
+        # Hugging Face models often have more embedding rows than tokens (Qwen2: 151936 rows,
+        # 151665 tokens); ids the tokenizer cannot produce are harmless. Fewer rows are not.
+        if vocab_size is not None and vocab_size > checkpoint_model.vocab_size:
             raise ConfigError(f"the tokenizer has {vocab_size} tokens but the --load checkpoint's "
-                              f"vocab_size is {checkpoint_model.vocab_size}")
+                              f"vocab_size is only {checkpoint_model.vocab_size}")
         return checkpoint_model
     base = dict(DEMO_MODEL) if run.data.uses_demo else {}
     base.update(explicit)

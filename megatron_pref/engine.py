@@ -18,7 +18,8 @@ from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, bu
 
 
 def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       wrap_ddp: bool = True, use_distributed_optimizer: bool = False) -> list:
+                       wrap_ddp: bool = True, use_distributed_optimizer: bool = False,
+                       perform_initialization: bool = True) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage), DDP-wrapped.
 
     ``wrap_ddp=False`` builds a frozen model (the online reference): no gradients, no DDP
@@ -31,7 +32,8 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
     stages = range(vpp) if vpp else [None]
     chunks = []
     for vp_stage in stages:
-        model = build_gpt_model(model_cfg, parallel, precision, vp_stage=vp_stage)
+        model = build_gpt_model(model_cfg, parallel, precision, vp_stage=vp_stage,
+                                perform_initialization=perform_initialization)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         if precision.bf16:

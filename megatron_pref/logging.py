@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging as std_logging
 import math
-import os
 import sys
 import time
 from pathlib import Path

@@ -147,8 +147,12 @@ def default_transformer_impl() -> str:
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       use_cpu_initialization: bool = True):
-    """megatron-core's TransformerConfig for this architecture, layout and precision."""
+                       use_cpu_initialization: bool = True, perform_initialization: bool = True):
+    """megatron-core's TransformerConfig for this architecture, layout and precision.
+
+    ``perform_initialization=False`` skips drawing random weights, for models whose every
+    tensor is loaded next (checkpoints, conversion).
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if model.swiglu:
@@ -191,7 +195,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         calculate_per_token_loss=True,
         # TP-invariant initialisation: the full weight is drawn, then split.
         use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True,
+        perform_initialization=perform_initialization,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
@@ -212,7 +216,7 @@ def layer_spec(model: ModelConfig, precision: PrecisionConfig):
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                     pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                    vp_stage: Optional[int] = None):
+                    vp_stage: Optional[int] = None, perform_initialization: bool = True):
     """This pipeline stage's GPTModel. Requires megatron-core parallel state to be initialised."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -222,7 +226,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    config = transformer_config(model, parallel, precision)
+    config = transformer_config(model, parallel, precision, perform_initialization=perform_initialization)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, precision),
@@ -363,5 +367,11 @@ def layout_invariant_init(model, model_cfg: ModelConfig, seed: int) -> None:
                 visit(v)
 
     gpt = _unwrapped(model)
+    # NaN first, so a parameter the sharded state dict does not reach cannot go unnoticed
+    # (models built with perform_initialization=False hold uninitialised memory).
+    for param in gpt.parameters():
+        param.data.fill_(float("nan"))
     visit(gpt.sharded_state_dict())
-    # Tied output weights on the last stage mirror the embedding (same key, same values).
+    missed = [name for name, param in gpt.named_parameters() if torch.isnan(param).any()]
+    if missed:
+        raise RuntimeError(f"layout_invariant_init did not reach parameters: {missed}")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_pref import parallel
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
-from megatron_pref.checkpointing import (CheckpointError, TrainState, load_checkpoint, load_weights_only,
+from megatron_pref.checkpointing import (TrainState, load_checkpoint, load_weights_only,
                                          read_model_config, save_checkpoint, checkpoint_fingerprint,
                                          validate_checkpoint_dir)
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, forward_only_pass,
@@ -148,7 +148,8 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
     if source is None:
         return {split: NoReference() for split in loaders}
     forward_step = logps_forward_step(model_cfg.vocab_size, use_thd, run.logprob_chunk_tokens)
-    ref_chunks = build_model_chunks(model_cfg, run.parallel, run.precision, wrap_ddp=False)
+    ref_chunks = build_model_chunks(model_cfg, run.parallel, run.precision, wrap_ddp=False,
+                                    perform_initialization=False)
     _load_reference_weights(ref_chunks, source, model_cfg)
     if run.reference.ref_logprobs == "online":
         online = OnlineReference(ref_chunks, forward_step)
@@ -283,8 +284,11 @@ def train(run: RunConfig) -> dict:
     train_iters = _train_iters(run, train_loader)
 
     # --- Model, optimizer, scheduler, state ------------------------------------------------
+    # Random weights only when nothing is loaded: layout_invariant_init or the checkpoint
+    # overwrites every tensor, so megatron-core's own initialisation would be wasted work.
     model_chunks = build_model_chunks(model_cfg, run.parallel, run.precision,
-                                      use_distributed_optimizer=run.optim.use_distributed_optimizer)
+                                      use_distributed_optimizer=run.optim.use_distributed_optimizer,
+                                      perform_initialization=False)
     if not run.checkpoint.load:
         for chunk in model_chunks:
             layout_invariant_init(chunk, model_cfg, run.seed)

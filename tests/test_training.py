@@ -4,7 +4,6 @@ cache, every loss, the demo learning, and bad input."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
