@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_pref.atomic import write_json_atomic, write_text_atomic
 from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, TOKENIZER_DIR,
-                                                 copy_tokenizer, iteration_name, read_checkpoint_metadata,
-                                                 write_json_atomic, write_text_atomic)
+                                                 copy_tokenizer, iteration_name, read_checkpoint_metadata)
 from megatron_pref.model import ModelConfig
 
 TMP_SUFFIX = ".tmp"

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_pref.atomic import write_atomic, write_json_atomic
 from megatron_pref.engine import forward_only_pass
 from megatron_pref.step import MicroBatch
 
@@ -123,17 +122,13 @@ def load_cached_table(cache_dir, key: dict, num_pairs: int) -> Optional[np.ndarr
 
 
 def save_cached_table(cache_dir, key: dict, table: np.ndarray) -> None:
-    """Atomic: the table, then the key (a table without a matching key is never used)."""
+    """Atomic: drop the old key, write the table, then the key. A crash in between leaves a
+    table without a key, which is never used."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".reference_logps.", suffix=".npy", dir=cache_dir)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, table)
-    os.replace(tmp, cache_dir / CACHE_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".reference_logps.", suffix=".json", dir=cache_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(key, f, indent=2, sort_keys=True)
-    os.replace(tmp, cache_dir / KEY_FILE)
+    (cache_dir / KEY_FILE).unlink(missing_ok=True)
+    write_atomic(cache_dir / CACHE_FILE, lambda f: np.save(f, table))
+    write_json_atomic(cache_dir / KEY_FILE, key)
 
 
 class PrecomputedReference:

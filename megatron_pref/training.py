@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pref import parallel
+from megatron_pref.atomic import write_json_atomic
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
 from megatron_pref.checkpointing import (TrainState, load_checkpoint, load_weights_only,
                                          read_model_config, save_checkpoint, checkpoint_fingerprint,
@@ -423,8 +424,6 @@ def _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data, refer
     path = save_checkpoint(run.checkpoint.save, model_chunks, optimizer, scheduler, state, model_cfg,
                            tokenizer_dir=data.tokenizer_dir, run_metadata={"loss": run.loss})
     if is_logging_rank() and reference_source is not None:
-        from megatron_pref.convert.checkpoint_io import write_json_atomic
-
         write_json_atomic(Path(run.checkpoint.save) / REFERENCE_SOURCE_FILE, reference_source)
     logger.info("saved checkpoint %s", path)
 

@@ -18,14 +18,13 @@ checkpoint loads at any tensor/pipeline parallel size. Vocabulary tensors carry
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from megatron_pref.atomic import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 from megatron_pref.convert.errors import ConversionError
 from megatron_pref.model import ModelConfig
 
@@ -53,34 +52,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def default_file_mode() -> int:
-    """0o666 minus the umask: what open() would have given (mkstemp uses 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_text_atomic(path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def tokenizer_files(src_dir) -> list:

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_pref.convert.checkpoint_io import default_file_mode
+from megatron_pref.atomic import default_file_mode
 from megatron_pref.convert.errors import ConversionError
 
 INDEX_FILE = "model.safetensors.index.json"
