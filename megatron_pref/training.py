@@ -23,7 +23,7 @@ from megatron_pref.checkpointing import (TrainState, load_checkpoint, load_weigh
                                          read_model_config, save_checkpoint, checkpoint_fingerprint,
                                          validate_checkpoint_dir)
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, forward_only_pass,
-                                  metric_sums_over_data_parallel, train_step, unwrap)
+                                  global_pair_counts, metric_sums_over_data_parallel, train_step, unwrap)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
 from megatron_pref.model import default_transformer_impl, layout_invariant_init
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
@@ -63,10 +63,12 @@ def _file_fingerprint(paths) -> str:
 
 
 def _expand(path: str) -> list:
+    """A raw data file, or the files of a preprocessed prefix."""
+    from megatron_pref.data.datasets import output_paths
+
     if os.path.isfile(path):
         return [path]
-    return [p for p in (path + ".bin", path + ".idx", path + ".pairs.npy", path + ".meta.json",
-                        path + ".json") if os.path.isfile(p)]
+    return [p for p in output_paths(path).values() if os.path.isfile(p)]
 
 
 def build_data(run: RunConfig) -> DataBundle:
@@ -196,12 +198,11 @@ def evaluate(model_chunks, loader, reference, forward_step, names, max_steps: Op
             break
         micro = [MicroBatch(p) for p in packs]
         reference.attach(micro)
-        from megatron_pref.engine import global_pair_counts
-
         step_pairs, rejected_tokens = global_pair_counts(micro)
         for m in micro:
             m.pairs_per_rejected_token = step_pairs / max(rejected_tokens, 1)
-        outputs = forward_only_pass(model_chunks, micro, forward_step)
+        # The last step may leave a data-parallel rank without pairs; it still joins the reductions.
+        outputs = forward_only_pass(model_chunks, micro, forward_step) if micro else []
         for name, value in metric_sums_over_data_parallel(outputs, names).items():
             sums[name] += value
         pairs += step_pairs

@@ -40,10 +40,10 @@ def data_flags(train_file, valid_file):
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """Flags for a small model on 96 demo pairs (48 held out): seconds per run."""
+    """Flags for a small model on 96 demo pairs (47 held out): seconds per run."""
     directory = tmp_path_factory.mktemp("data")
     train_file = _demo_subset(directory, "train.jsonl", 96)
-    valid_file = _demo_subset(directory, "valid.jsonl", 48, mutate=lambda ls: ls[::-1])
+    valid_file = _demo_subset(directory, "valid.jsonl", 47, mutate=lambda ls: ls[::-1])
     return data_flags(train_file, valid_file) + MODEL_FLAGS
 
 
@@ -223,6 +223,25 @@ def test_online_reference_equals_precomputed(distributed, tmp_path, tiny):
     assert online["train"]["loss"] == pytest.approx(pre["train"]["loss"], abs=1e-6)
     assert online["weights_sha256"] == pre["weights_sha256"] or online["train"]["loss"] == pytest.approx(
         pre["train"]["loss"], abs=1e-6)
+
+
+def _train_with_small_eval_steps(argv):
+    from megatron_pref import training
+
+    training.EVAL_PAIRS_PER_STEP = 5  # 46 pairs: the last step has 1 pair for 2 ranks
+    return _train(argv)
+
+
+def test_evaluation_when_a_rank_gets_no_pairs(distributed, tmp_path):
+    valid_file = _demo_subset(tmp_path, "valid.jsonl", 46)
+    at = MODEL_FLAGS.index("--eval-iters")  # evaluate every pair, down to the 1-pair last step
+    model_flags = MODEL_FLAGS[:at] + MODEL_FLAGS[at + 2:]
+    argv = data_flags(_demo_subset(tmp_path, "train.jsonl", 32), valid_file) + model_flags + [
+        "--loss", "dpo", "--train-iters", "1", "--ref-cache-dir", str(tmp_path / "cache")]
+    results = distributed(_train_with_small_eval_steps, 2, ParallelConfig(), argv, init_parallel=False)
+    for result in results:
+        assert abs(result["eval_before"]["eval/loss"] - math.log(2)) < 1e-6
+    assert results[0]["eval_after"] == results[1]["eval_after"]
 
 
 def test_metrics_file_and_tensorboard(distributed, tmp_path, tiny):
