@@ -8,7 +8,8 @@
   enter the softmax, log-probs change with TP. We give them -inf.
 * **Chunked along tokens, recomputed in backward.** Forward keeps only the per-token
   log-sum-exp (``[T]`` fp32); backward recomputes the softmax chunk by chunk from the logits the
-  model already holds. The extra peak memory is one chunk of ``[chunk, V/TP]`` fp32, never the
+  model already holds, in place on one chunk copy. The extra peak memory is one chunk of
+  ``[chunk, V/TP]`` fp32 (plus the logits' gradient autograd returns), never the
   full ``[T, V/TP]`` fp32 that autograd through a plain ``log_softmax`` (or through
   megatron-core's cross-entropy, which saves the softmax) would keep alive.
 
@@ -66,9 +67,10 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
             chunk_max = x.max(dim=-1).values
             if world > 1:
                 dist.all_reduce(chunk_max, op=dist.ReduceOp.MAX, group=group)
-            sum_exp = torch.exp(x - chunk_max[:, None]).sum(dim=-1)
             picked = x.gather(1, safe_local_labels[start:end, None]).squeeze(1)
             picked = torch.where(label_is_local[start:end], picked, torch.zeros_like(picked))
+            # In place: the chunk copy is the only [chunk, V/TP] fp32 buffer.
+            sum_exp = x.sub_(chunk_max[:, None]).exp_().sum(dim=-1)
             if world > 1:
                 # One collective for both sums: [sum_exp, picked target logit].
                 both = torch.stack([sum_exp, picked])
@@ -91,13 +93,12 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         for start in range(0, logits.shape[0], ctx.chunk_tokens):
             end = min(start + ctx.chunk_tokens, logits.shape[0])
             x = _masked_chunk(logits[start:end], ctx.vocab_start, ctx.true_vocab_size)
-            # d logp(target) / d logit_v = 1[v == target] - softmax_v
-            softmax = torch.exp(x - log_normaliser[start:end, None])
-            grad = softmax.mul_(-grad_logprobs[start:end, None])
+            # d logp(target) / d logit_v = 1[v == target] - softmax_v, in place on the chunk copy.
+            grad = x.sub_(log_normaliser[start:end, None]).exp_().mul_(-grad_logprobs[start:end, None])
             onehot_grad = torch.where(label_is_local[start:end], grad_logprobs[start:end],
                                       torch.zeros_like(grad_logprobs[start:end]))
             grad.scatter_add_(1, safe_local_labels[start:end, None], onehot_grad[:, None])
-            grad_logits[start:end] = grad.to(grad_logits.dtype)
+            grad_logits[start:end] = grad  # copy_ casts to the logits' dtype
             del x, grad
         return grad_logits, None, None, None, None, None, None
 
