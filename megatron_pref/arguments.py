@@ -293,6 +293,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     _check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
     if args.fp8_format:
         _check(args.transformer_impl != "local", "--fp8-format needs --transformer-impl transformer_engine")
+        _check(args.bf16, "--fp8-format needs --bf16 (FP8 GEMMs with bf16 parameters and activations)")
     if args.tokenizer_model is not None:
         _check(args.tokenizer_type is not None, "--tokenizer-model needs --tokenizer-type")
         _check(os.path.exists(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model}: no such file or directory")

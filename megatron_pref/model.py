@@ -147,12 +147,15 @@ def default_transformer_impl() -> str:
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                       use_cpu_initialization: bool = True, perform_initialization: bool = True):
+                       use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True):
     """megatron-core's TransformerConfig for this architecture, layout and precision.
 
     ``perform_initialization=False`` skips drawing random weights, for models whose every
-    tensor is loaded next (checkpoints, conversion).
+    tensor is loaded next (checkpoints, conversion). ``use_cpu_initialization`` defaults to
+    True without a GPU (TP-invariant draws, and the only device there) and False with one.
     """
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if model.swiglu:
@@ -193,7 +196,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         moe_token_dispatcher_type="alltoall",  # the default (allgather) refuses variable lengths
         # The global pair count, not the micro-batch count, normalises the loss (see step.py).
         calculate_per_token_loss=True,
-        # TP-invariant initialisation: the full weight is drawn, then split.
+        # On CPU: TP-invariant initialisation (the full weight is drawn, then split).
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
         bias_activation_fusion=False,

@@ -26,7 +26,11 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -
                           MASTER_PORT=str(_free_port()))
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise ValueError(f"local rank {local_rank} has no GPU: this node has {gpus}; "
+                                 f"launch at most --nproc-per-node {gpus}")
+            torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(
             backend=cpu.default_backend(), timeout=timedelta(minutes=timeout_minutes))
     parallel_state.initialize_model_parallel(

@@ -295,6 +295,7 @@ def torchrun_cli(nproc, args, timeout=300):
     (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
     (["--use-distributed-optimizer"], "--use-distributed-optimizer needs GPUs"),
+    (["--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
     (["--load", "/no/such/dir"], "--load /no/such/dir: no such directory"),
     (["--ref-load", "/tmp", "--loss", "slime"], "reference-free"),
 ])
@@ -319,6 +320,20 @@ def test_load_with_a_different_architecture_names_the_field(distributed, tmp_pat
     out = run_cli(tiny + ["--loss", "sft", "--load", str(tmp_path / "c"), "--hidden-size", "48"])
     assert out.returncode == 2
     assert "--hidden-size 48 differs from the --load checkpoint's hidden_size=32" in out.stderr
+
+
+def test_train_epochs_sets_the_step_count(distributed, tmp_path, tiny):
+    """96 pairs in batches of 8: half an epoch is 6 steps."""
+    argv = tiny + ["--loss", "sft", "--train-epochs", "0.5", "--eval-interval", "100"]
+    assert run_training(distributed, 1, argv)[0]["iteration"] == 6
+
+
+def test_skip_nonfinite_batches_keeps_going(tiny, tmp_path):
+    out = run_cli(tiny + ["--loss", "sft", "--train-iters", "4", "--lr", "1e30", "--clip-grad", "0",
+                          "--skip-nonfinite-batches", "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines() if '"skipped"' in l]
+    assert [s["iteration"] for s in steps] == [1, 2, 3, 4] and steps[-1]["skipped"] == 1.0
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny):
