@@ -22,16 +22,11 @@ Plus gradient clipping, whose megatron-core version asserts ``torch.cuda.FloatTe
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
-
-
-def is_enabled() -> bool:
-    return _ENABLED
 
 
 def _is_cuda_device(device) -> bool:
@@ -159,9 +154,3 @@ def enable_if_no_cuda() -> bool:
 @functools.cache
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def limit_threads(default: int = 1) -> None:
-    """Keep each gloo rank to few threads: N ranks x all cores thrash a small machine."""
-    threads = int(os.environ.get("OMP_NUM_THREADS", default))
-    torch.set_num_threads(max(1, threads))

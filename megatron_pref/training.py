@@ -256,6 +256,11 @@ def train(run: RunConfig) -> dict:
         run.parallel.validate_for(resolve_model_config(run, None, checkpoint_model), world_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    data_parallel_size = world_size // (run.parallel.tensor_model_parallel_size *
+                                         run.parallel.pipeline_model_parallel_size)
+    if run.optim.global_batch_size % data_parallel_size:
+        raise ConfigError(f"--global-batch-size {run.optim.global_batch_size} is not divisible by the "
+                          f"data-parallel size {data_parallel_size}")
     data = build_data(run)
     model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
     if run.precision.transformer_impl == "auto":
@@ -266,9 +271,6 @@ def train(run: RunConfig) -> dict:
     cpu_mode = parallel.initialize(run.parallel, run.seed)
     setup_console_logging()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    if run.optim.global_batch_size % dp_size:
-        raise ConfigError(f"--global-batch-size {run.optim.global_batch_size} is not divisible by the "
-                          f"data-parallel size {dp_size}")
     logger.info("megatron-pref: loss=%s, %s, world=%d (TP=%d PP=%d DP=%d), %s, model %s",
                 run.loss, "CPU/gloo" if cpu_mode else "GPU", world_size, run.parallel.tensor_model_parallel_size,
                 run.parallel.pipeline_model_parallel_size, dp_size, run.precision.transformer_impl,

@@ -307,6 +307,15 @@ def test_bad_input_is_one_line(args, message):
     assert "Traceback" not in out.stderr
 
 
+def test_global_batch_not_divisible_by_data_parallel_size():
+    out = torchrun_cli(2, ["--global-batch-size", "7", "--no-progress-bar"], timeout=300)
+    assert out.returncode != 0
+    first = out.stderr.strip().splitlines()[0]
+    assert first == "error: --global-batch-size 7 is not divisible by the data-parallel size 2"
+    # torchrun reports the failed worker with its own launcher traceback; ours must not appear.
+    assert "pretrain_pref.py\", line" not in out.stderr and "megatron_pref/" not in out.stderr
+
+
 def test_missing_data_file_is_one_line(tmp_path):
     from megatron_pref.data import demo_task
 
