@@ -294,6 +294,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.fp8_format:
         _check(args.transformer_impl != "local", "--fp8-format needs --transformer-impl transformer_engine")
         _check(args.bf16, "--fp8-format needs --bf16 (FP8 GEMMs with bf16 parameters and activations)")
+    if args.tokenizer_model is None and args.load and os.path.isdir(os.path.join(args.load, "tokenizer")):
+        # A converted checkpoint carries its Hugging Face tokenizer.
+        args.tokenizer_model = os.path.join(args.load, "tokenizer")
+        args.tokenizer_type = args.tokenizer_type or "HuggingFaceTokenizer"
     if args.tokenizer_model is not None:
         _check(args.tokenizer_type is not None, "--tokenizer-model needs --tokenizer-type")
         _check(os.path.exists(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model}: no such file or directory")

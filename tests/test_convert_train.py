@@ -38,10 +38,10 @@ def _train(argv):
 def test_converted_checkpoint_trains_and_converts_back(distributed, tmp_path, arch):
     hf_dir = make_hf_model(tmp_path / "hf", arch, tokenizer=True)
     to_megatron(hf_dir, tmp_path / "mc")
+    # No architecture and no tokenizer flags: both come with the converted checkpoint.
     argv = ["--loss", "dpo", "--load", str(tmp_path / "mc"), "--tensor-model-parallel-size", "2",
             "--data-path", _pairs_file(tmp_path / "train.jsonl", 32, 0),
             "--valid-data-path", _pairs_file(tmp_path / "valid.jsonl", 16, 1),
-            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir),
             "--seq-length", "64", "--global-batch-size", "8", "--train-iters", "2", "--lr", "1e-3",
             "--log-interval", "1", "--no-progress-bar", "--save", str(tmp_path / "trained")]
     result = distributed(_train, 2, ParallelConfig(), argv, init_parallel=False)[0]
