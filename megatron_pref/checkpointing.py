@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron_pref.atomic import write_json_atomic, write_text_atomic
 from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, TOKENIZER_DIR,
                                                  copy_tokenizer, iteration_name, read_checkpoint_metadata)
-from megatron_pref.model import ModelConfig
+from megatron_pref.model import ModelConfig, unwrap_model
 
 TMP_SUFFIX = ".tmp"
 
@@ -63,17 +63,11 @@ def _layout() -> dict:
             "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1}
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def model_sharded_state_dict(model_chunks: list) -> dict:
     """One entry per chunk; the sharded tensors' keys are global, so chunk count may change."""
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+        return {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
 
 
 def _rng_sharded_object():
@@ -206,7 +200,7 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
 
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if not resume:
         return None
     if "optimizer" in request:
@@ -235,7 +229,7 @@ def load_weights_only(load_dir, model_chunks: list) -> None:
     loaded = dist_checkpointing.load(request, str(path), strict=_load_strictness())
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
 
 
 def checkpoint_fingerprint(load_dir) -> str:

@@ -52,13 +52,6 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
     return chunks
 
 
-def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def build_optimizer(model_chunks: list, optim, precision: PrecisionConfig):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 

@@ -304,7 +304,8 @@ def packed_forward_inputs(tokens: torch.Tensor, position_ids: torch.Tensor, cu_s
     return PackedForwardInputs(tokens[None], position_ids[None], mask)
 
 
-def _unwrapped(model):
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
         model = model.module
     return model
@@ -369,7 +370,7 @@ def layout_invariant_init(model, model_cfg: ModelConfig, seed: int) -> None:
             for v in item:
                 visit(v)
 
-    gpt = _unwrapped(model)
+    gpt = unwrap_model(model)
     # NaN first, so a parameter the sharded state dict does not reach cannot go unnoticed
     # (models built with perform_initialization=False hold uninitialised memory).
     for param in gpt.parameters():

@@ -23,9 +23,9 @@ from megatron_pref.checkpointing import (TrainState, load_checkpoint, load_weigh
                                          read_model_config, save_checkpoint, checkpoint_fingerprint,
                                          validate_checkpoint_dir)
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, forward_only_pass,
-                                  global_pair_counts, metric_sums_over_data_parallel, train_step, unwrap)
+                                  global_pair_counts, metric_sums_over_data_parallel, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
-from megatron_pref.model import default_transformer_impl, layout_invariant_init
+from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
                                      compute_reference_table, load_cached_table, save_cached_table)
 from megatron_pref.step import MicroBatch, logps_forward_step, preference_forward_step
@@ -403,7 +403,7 @@ def weights_digest(model_chunks) -> str:
     """sha256 of this rank's parameters, in name order: equal digests = bit-identical weights."""
     digest = hashlib.sha256()
     for chunk in model_chunks:
-        for name, param in sorted(unwrap(chunk).named_parameters()):
+        for name, param in sorted(unwrap_model(chunk).named_parameters()):
             digest.update(name.encode())
             digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()

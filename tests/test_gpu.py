@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_pref.model import unwrap_model
+
 pytestmark = pytest.mark.gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,19 +161,17 @@ def packed_vs_padded(bench, packed_impl: str, padded_impl: str, use_thd: bool, b
     Also returns the gap of a negative control: the same pack with one attention segment over
     every sequence (attention leaks across sequences), which must be far from the padded result.
     """
-    from megatron_pref import engine
-
     model_cfg = tiny_model_config()
     padded_model = build(model_cfg, precision(padded_impl, bf16=bf16), wrap_ddp=False)[0]
     packed_model = build(model_cfg, precision(packed_impl, bf16=bf16), wrap_ddp=False)[0]
-    state = engine.unwrap(padded_model).state_dict()
+    state = unwrap_model(padded_model).state_dict()
     if packed_impl != padded_impl:
         state = local_to_te_state_dict(state)
-        missing, unexpected = engine.unwrap(packed_model).load_state_dict(state, strict=False)
+        missing, unexpected = unwrap_model(packed_model).load_state_dict(state, strict=False)
         assert not unexpected, f"weights with no place in the TE model: {unexpected}"
         assert all(k.endswith("_extra_state") for k in missing), f"TE weights not copied: {missing}"
     else:
-        engine.unwrap(packed_model).load_state_dict(state)
+        unwrap_model(packed_model).load_state_dict(state)
     pairs = sample(bench, seed=7)
     pack = bench.make_pack(pairs, "packed", FP8_MULTIPLE, device())
     with torch.no_grad():
@@ -204,10 +204,8 @@ def reference_pass(chunks, micro, use_thd: bool, calibrate: bool = False):
 
 def frozen_copy(chunks, model_cfg, prec):
     """An online reference: a frozen model with the policy's current weights."""
-    from megatron_pref import engine
-
     ref = build(model_cfg, prec, wrap_ddp=False)
-    engine.unwrap(ref[0]).load_state_dict(engine.unwrap(chunks[0]).state_dict())
+    unwrap_model(ref[0]).load_state_dict(unwrap_model(chunks[0]).state_dict())
     return ref
 
 
@@ -222,7 +220,7 @@ def train_steps(bench, prec, loss: str, steps: int = 4, use_thd: bool = True) ->
     optimizer = engine.build_optimizer(chunks, OptimConfig(lr=1e-4, clip_grad=1.0), prec)
     forward_step = step.preference_forward_step(loss, LossConfig(), VOCAB, use_thd)
     ref = frozen_copy(chunks, model_cfg, prec) if requires_reference(loss) else None
-    watched = next(p for n, p in engine.unwrap(chunks[0]).named_parameters() if "linear_fc1.weight" in n)
+    watched = next(p for n, p in unwrap_model(chunks[0]).named_parameters() if "linear_fc1.weight" in n)
     before = watched.detach().float().clone()
     losses, norms, totals = [], [], []
     for i in range(steps):

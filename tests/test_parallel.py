@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from megatron_pref.arguments import OptimConfig
-from megatron_pref.engine import build_model_chunks, build_optimizer, run_schedule, unwrap
+from megatron_pref.engine import build_model_chunks, build_optimizer, run_schedule
 from megatron_pref.losses import LossConfig
-from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, layout_invariant_init
+from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, layout_invariant_init, unwrap_model
 from megatron_pref.step import MicroBatch, preference_forward_step, preference_loss_func
 from tests.packs import random_pairs, split_into_packs
 
@@ -76,12 +76,12 @@ def _one_step(parallel, model_cfg, loss_name, pack_sizes, dp_split=True):
         torch.distributed.all_reduce(loss_sum, group=ps.get_pipeline_model_parallel_group())
     _, grad_norm, _ = optimizer.step()
 
-    gpt = unwrap(chunks[0])
+    gpt = unwrap_model(chunks[0])
     result = {"loss": float(loss_sum) / pairs, "grad_norm": grad_norm}
     if ps.is_pipeline_first_stage():
         grad = _gather_tp(gpt.embedding.word_embeddings.weight.main_grad, 0)
         result["embedding_grad"] = grad[:VOCAB].clone()
-    last = unwrap(chunks[-1])
+    last = unwrap_model(chunks[-1])
     if ps.is_pipeline_last_stage():
         result["final_norm_grad"] = last.decoder.final_layernorm.weight.main_grad.clone()
         result["output_grad"] = _gather_tp(last.output_layer.weight.main_grad, 0)[:VOCAB].clone()
@@ -167,7 +167,7 @@ def _legacy_step(sizes):
                           true_vocab_size=VOCAB, chunk_tokens=1024), use_thd=False)
     chunks[0].zero_grad_buffer()
     run_schedule(chunks, micro, forward_step, forward_only=False, optimizer=optimizer)
-    return unwrap(chunks[0]).decoder.final_layernorm.weight.main_grad.clone()
+    return unwrap_model(chunks[0]).decoder.final_layernorm.weight.main_grad.clone()
 
 
 def test_per_micro_batch_averaging_would_break_invariance(distributed):

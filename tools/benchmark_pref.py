@@ -250,6 +250,7 @@ GPU_FUSIONS = dict(bias_activation_fusion=True, apply_rope_fusion=True, gradient
 
 def megatron_runner(args, shape: dict, precision, layout: str, batches: list, device: str) -> Runner:
     from megatron_pref import engine, step
+    from megatron_pref.model import unwrap_model
     from megatron_pref.arguments import OptimConfig
     from megatron_pref.losses import LossConfig
     from megatron_pref.model import ParallelConfig
@@ -282,7 +283,7 @@ def megatron_runner(args, shape: dict, precision, layout: str, batches: list, de
     multiple = compute_pad_multiple(fp8=bool(precision.fp8_format))  # 16 under FP8, else 1
     packs = [make_pack(b, layout, multiple, device) for b in batches]
     refs = [reference_logps(b, model_cfg.vocab_size, device) for b in batches]
-    gpt = engine.unwrap(chunks[0])
+    gpt = unwrap_model(chunks[0])
     params = sum(p.numel() for p in gpt.parameters())
 
     def run(i: int) -> float:

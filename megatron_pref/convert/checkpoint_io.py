@@ -26,7 +26,7 @@ import torch
 
 from megatron_pref.atomic import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
 from megatron_pref.convert.errors import ConversionError
-from megatron_pref.model import ModelConfig
+from megatron_pref.model import ModelConfig, unwrap_model
 
 CONFIG_FILE = "megatron_pref_config.json"
 LATEST_FILE = "latest"
@@ -74,9 +74,7 @@ def _unwrap(model):
         if len(model) != 1:
             raise ValueError("save/load_model_checkpoint handle one model chunk (no virtual pipeline stages)")
         model = model[0]
-    while hasattr(model, "module"):  # DDP, Float16Module
-        model = model.module
-    return model
+    return unwrap_model(model)
 
 
 def save_model_checkpoint(model, model_cfg: ModelConfig, out_dir, iteration: int = 0,
