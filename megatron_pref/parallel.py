@@ -23,7 +23,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -
     cpu_mode = cpu.enable_if_no_cuda()
     if "RANK" not in os.environ:  # plain `python pretrain_pref.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
@@ -43,7 +43,8 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -
     return cpu_mode
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (single-process runs, test fixtures)."""
     import socket
 
     with socket.socket() as s:

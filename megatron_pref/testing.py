@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
 import torch
 
 from megatron_pref.model import ParallelConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_pref.parallel import free_port
 
 
 def _rank_main(rank, world_size, port, parallel, seed, fn, args, results, init_parallel=True):
@@ -54,7 +48,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, parallel: ParallelConf
     parallel = parallel or ParallelConfig()
     ctx = mp.get_context("fork")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, parallel, seed, fn, args, results, init_parallel))
              for r in range(world_size)]
     for p in procs:
