@@ -54,7 +54,6 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import time
 import traceback
@@ -451,16 +450,12 @@ def measure_logprob_stage(tokens: int, vocab: int, true_vocab: int, chunk_tokens
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_single_rank(device: str, seed: int) -> None:
     """torch.distributed (gloo on CPU, nccl on GPU; torchrun's env if set) + megatron-core groups."""
+    from megatron_pref.parallel import free_port
+
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torchrun: a rendezvous of our own
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                           WORLD_SIZE="1", LOCAL_RANK="0")
     import torch
 

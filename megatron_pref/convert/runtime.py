@@ -5,19 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
 import torch
 
 from megatron_pref.convert.errors import ConversionError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -41,7 +34,7 @@ def single_process_parallel_state(seed: int = 0):
         yield
         return
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(parallel.free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
     try:
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
