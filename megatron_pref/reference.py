@@ -58,8 +58,9 @@ def _table_all_reduce(table: torch.Tensor) -> torch.Tensor:
 
 
 def compute_reference_table(model_chunks: list, steps: Iterable[list], num_pairs: int,
-                            forward_step: Callable, progress=None) -> np.ndarray:
-    """``[num_pairs, 2]`` (chosen, rejected) reference log-prob sums, identical on every rank.
+                            forward_step: Callable, progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """``[num_pairs, 2]`` (chosen, rejected) reference log-prob sums and a ``[num_pairs]`` mask
+    of the pairs computed, both identical on every rank.
 
     ``steps`` yields this rank's packs, each pair once across data-parallel ranks.
     """

@@ -145,46 +145,64 @@ def _reference_fingerprint(source: dict, model_cfg) -> str:
     return f"init:seed={source['seed']}"
 
 
+def _reference_model(run: RunConfig, source: dict, model_cfg) -> list:
+    chunks = build_model_chunks(model_cfg, run.parallel, run.precision, wrap_ddp=False,
+                                perform_initialization=False)
+    _load_reference_weights(chunks, source, model_cfg)
+    return chunks
+
+
+def _cache_hits_on_every_rank(hits: list) -> list:
+    """A split counts as cached only if every rank found it (e.g. a cache directory that is
+    not on a shared filesystem): ranks that disagree would enter different collectives."""
+    if not dist.is_initialized():
+        return hits
+    flags = torch.tensor([1.0 if h else 0.0 for h in hits],
+                         device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(f) for f in flags.tolist()]
+
+
 def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: DataBundle, loaders: dict,
                     use_thd: bool):
     """NoReference, a PrecomputedReference per split (cached), or an OnlineReference."""
     if source is None:
         return {split: NoReference() for split in loaders}
     forward_step = logps_forward_step(model_cfg.vocab_size, use_thd, run.logprob_chunk_tokens)
-    ref_chunks = build_model_chunks(model_cfg, run.parallel, run.precision, wrap_ddp=False,
-                                    perform_initialization=False)
-    _load_reference_weights(ref_chunks, source, model_cfg)
     if run.reference.ref_logprobs == "online":
-        online = OnlineReference(ref_chunks, forward_step)
+        online = OnlineReference(_reference_model(run, source, model_cfg), forward_step)
         return {split: online for split in loaders}
 
     cache_root = Path(run.reference.ref_cache_dir or (Path(run.checkpoint.save or "runs/last") / "reference_cache"))
     fingerprints = {"train": data.train_fingerprint, "valid": data.valid_fingerprint}
-    references = {}
+    precision = ("bf16" if run.precision.bf16 else "fp32") + (
+        f"+fp8-{run.precision.fp8_format}-{run.precision.fp8_recipe}" if run.precision.fp8_format else "")
+    keys, tables = {}, {}
     for split, loader in loaders.items():
-        num_pairs = len(loader.dataset)
-        key = cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg), data.tokenizer_fingerprint,
-                        run.data.seq_length, run.data.max_prompt_length,
-                        "bf16" if run.precision.bf16 else "fp32" + (f"+fp8-{run.precision.fp8_recipe}"
-                                                                     if run.precision.fp8_format else ""),
-                        model_cfg.to_dict())
-        table = load_cached_table(cache_root / split, key, num_pairs)
-        if table is None:
-            bar = progress_bar(loader.num_usable_pairs, f"reference log-probs ({split})",
-                               disable=run.log.no_progress_bar)
-            table, seen = compute_reference_table(ref_chunks, loader.iter_once(EVAL_PAIRS_PER_STEP), num_pairs,
-                                                  forward_step, bar)
-            bar.close()
-            missing = np.setdiff1d(loader.source.usable, np.nonzero(seen)[0])
-            if len(missing):
-                raise RuntimeError(f"reference pass missed {len(missing)} pairs of the {split} split")
-            if is_logging_rank():
-                save_cached_table(cache_root / split, key, table)
-            if dist.is_initialized():
-                dist.barrier()
-        references[split] = PrecomputedReference(table)
-    del ref_chunks  # precomputed: the reference weights are no longer needed
-    return references
+        keys[split] = cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg),
+                                data.tokenizer_fingerprint, run.data.seq_length, run.data.max_prompt_length,
+                                precision, model_cfg.to_dict())
+        tables[split] = load_cached_table(cache_root / split, keys[split], len(loader.dataset))
+    hits = _cache_hits_on_every_rank([tables[split] is not None for split in loaders])
+    missing_splits = [split for split, hit in zip(loaders, hits) if not hit]
+    # The reference weights are loaded only when some split must be computed.
+    ref_chunks = _reference_model(run, source, model_cfg) if missing_splits else None
+    for split in missing_splits:
+        loader = loaders[split]
+        bar = progress_bar(loader.num_usable_pairs, f"reference log-probs ({split})",
+                           disable=run.log.no_progress_bar)
+        table, seen = compute_reference_table(ref_chunks, loader.iter_once(EVAL_PAIRS_PER_STEP),
+                                              len(loader.dataset), forward_step, bar)
+        bar.close()
+        missing = np.setdiff1d(loader.source.usable, np.nonzero(seen)[0])
+        if len(missing):
+            raise RuntimeError(f"reference pass missed {len(missing)} pairs of the {split} split")
+        if is_logging_rank():
+            save_cached_table(cache_root / split, keys[split], table)
+        if dist.is_initialized():
+            dist.barrier()
+        tables[split] = table
+    return {split: PrecomputedReference(tables[split]) for split in loaders}
 
 
 def evaluate(model_chunks, loader, reference, forward_step, names, max_steps: Optional[int],

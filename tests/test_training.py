@@ -195,6 +195,22 @@ def test_reference_cache_is_used_and_invalidated(distributed, tmp_path, caplog):
     assert json.loads((cache / "train" / "reference_logps.json").read_text())["reference"] != key["reference"]
 
 
+def _train_with_a_cache_miss_on_rank_1(argv):
+    from megatron_pref import training
+
+    if os.environ["RANK"] == "1":  # e.g. a cache directory that this node cannot see
+        training.load_cached_table = lambda *args, **kwargs: None
+    return _train(argv)
+
+
+def test_cache_seen_by_some_ranks_only_is_recomputed_by_all(distributed, tmp_path, tiny):
+    argv = tiny + ["--loss", "dpo", "--train-iters", "1", "--ref-cache-dir", str(tmp_path / "cache")]
+    first = run_training(distributed, 2, argv)
+    again = distributed(_train_with_a_cache_miss_on_rank_1, 2, ParallelConfig(), argv, init_parallel=False,
+                        timeout=120)
+    assert [r["train"]["loss"] for r in again] == [r["train"]["loss"] for r in first]
+
+
 def test_stale_cache_log_names_the_changed_field(tmp_path, caplog):
     from megatron_pref.reference import cache_key, load_cached_table, save_cached_table
 
