@@ -45,6 +45,9 @@ class TrainState:
     iteration: int = 0
     consumed_pairs: int = 0
     epoch: int = 0
+    # Where the run's reference weights come from (a checkpoint, or the seeded initial
+    # policy); saved inside the checkpoint so a resumed run keeps the same reference.
+    reference_source: Optional[dict] = None
 
 
 def _rank() -> int:
@@ -132,6 +135,7 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
     sharded["rng"] = _rng_sharded_object()
     sharded["train_state"] = {
         "iteration": state.iteration, "consumed_pairs": state.consumed_pairs, "epoch": state.epoch,
+        "reference_source": state.reference_source,
         "scheduler": scheduler.state_dict(), "layout": _layout(),
     }
     dist_checkpointing.save(sharded, str(tmp))
@@ -210,7 +214,7 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
     if "rng" in request:
         _restore_rng(loaded["rng"])
     return TrainState(iteration=train_state["iteration"], consumed_pairs=train_state["consumed_pairs"],
-                      epoch=train_state.get("epoch", 0))
+                      epoch=train_state.get("epoch", 0), reference_source=train_state.get("reference_source"))
 
 
 def _load_strictness():

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_pref import parallel
-from megatron_pref.atomic import write_json_atomic
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
 from megatron_pref.checkpointing import (TrainState, load_checkpoint, load_weights_only,
                                          read_model_config, save_checkpoint, checkpoint_fingerprint,
@@ -316,20 +315,19 @@ def train(run: RunConfig) -> dict:
             layout_invariant_init(chunk, model_cfg, run.seed)
     optimizer = build_optimizer(model_chunks, run.optim, run.precision)
     scheduler = build_scheduler(optimizer, run.optim, train_iters)
-    state, resumed_reference = TrainState(), None
+    state = TrainState()
     if run.checkpoint.load:
         loaded = load_checkpoint(run.checkpoint.load, model_chunks, optimizer, scheduler,
                                  load_optimizer=not run.checkpoint.no_load_optim,
                                  load_rng=not run.checkpoint.no_load_rng)
         if loaded is not None:
             state = loaded
-            resumed_reference = _stored_reference_source(run.checkpoint.load)
             logger.info("resuming from %s at step %d (%d pairs consumed)", run.checkpoint.load,
                         state.iteration, state.consumed_pairs)
     train_loader.consumed_pairs = state.consumed_pairs
 
     # --- Reference log-probs ------------------------------------------------------------------
-    reference_source = _reference_source(run, resumed_reference)
+    state.reference_source = reference_source = _reference_source(run, state.reference_source)
     loaders = {"train": train_loader}
     if valid_loader is not None:
         loaders["valid"] = valid_loader
@@ -395,7 +393,7 @@ def train(run: RunConfig) -> dict:
         if run.log.eval_interval and state.iteration % run.log.eval_interval == 0 and state.iteration < train_iters:
             metrics_logger.log(state.iteration, run_evaluation(f"step {state.iteration}"), console=False)
         if run.checkpoint.save and run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
-            _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data, reference_source)
+            _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data)
         if run.checkpoint.exit_interval and state.iteration % run.checkpoint.exit_interval == 0:
             logger.info("exiting after step %d (--exit-interval)", state.iteration)
             metrics_logger.close()
@@ -406,7 +404,7 @@ def train(run: RunConfig) -> dict:
     if after:
         metrics_logger.log(state.iteration, after, console=False)
     if run.checkpoint.save and (not run.checkpoint.save_interval or state.iteration % run.checkpoint.save_interval):
-        _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data, reference_source)
+        _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data)
     if before and after:
         logger.info("held-out preference accuracy: %.3f -> %.3f%s", before["eval/rewards/accuracies"],
                     after["eval/rewards/accuracies"],
@@ -438,17 +436,7 @@ def _global_sum(value: int) -> int:
     return int(t.item())
 
 
-REFERENCE_SOURCE_FILE = "reference_source.json"
-
-
-def _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data, reference_source) -> None:
+def _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data) -> None:
     path = save_checkpoint(run.checkpoint.save, model_chunks, optimizer, scheduler, state, model_cfg,
                            tokenizer_dir=data.tokenizer_dir, run_metadata={"loss": run.loss})
-    if is_logging_rank() and reference_source is not None:
-        write_json_atomic(Path(run.checkpoint.save) / REFERENCE_SOURCE_FILE, reference_source)
     logger.info("saved checkpoint %s", path)
-
-
-def _stored_reference_source(load_dir) -> Optional[dict]:
-    path = Path(load_dir) / REFERENCE_SOURCE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
