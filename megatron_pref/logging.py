@@ -78,7 +78,8 @@ class MetricsLogger:
     def log(self, iteration: int, metrics: dict, console: bool = True) -> None:
         if not self.active:
             return
-        if self.start_iteration is None:
+        if console and self.start_iteration is None:
+            # The ETA counts steps done in this process (a resumed run starts mid-way).
             self.start_iteration = iteration - 1
         if self.tensorboard is not None:
             for name, value in metrics.items():
@@ -94,7 +95,7 @@ class MetricsLogger:
 
     def console_line(self, iteration: int, metrics: dict) -> str:
         elapsed = time.time() - self.start_time
-        done = iteration - (self.start_iteration or 0)
+        done = iteration - (self.start_iteration if self.start_iteration is not None else iteration - 1)
         remaining = (self.train_iters - iteration) * elapsed / max(done, 1)
         width = len(str(self.train_iters))
         parts = [f"step {iteration:>{width}}/{self.train_iters}"]
