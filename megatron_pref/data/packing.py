@@ -213,22 +213,24 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> List[List[int]]
 
 # --------------------------------------------------------------------------- helpers for losses/tests
 def sequence_ids(cu_seqlens: torch.Tensor, pack_length: int) -> torch.Tensor:
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    ids = torch.repeat_interleave(torch.arange(len(lens), device=cu_seqlens.device), lens)
-    pad = pack_length - ids.numel()
-    if pad > 0:
-        ids = torch.cat([ids, torch.full((pad,), -1, dtype=ids.dtype, device=ids.device)])
-    return ids
+    """``[pack_length]`` sequence index of each position, -1 for the padding tail."""
+    from megatron_pref.logprobs import sequence_ids as pack_sequence_ids
+
+    ids = pack_sequence_ids(cu_seqlens, pack_length)
+    return torch.where(ids < cu_seqlens.numel() - 1, ids, torch.full_like(ids, -1))
 
 
 def per_sequence_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Sum a per-position tensor ``[T, ...]`` over each real sequence ->
     ``[S, ...]`` (padding ignored; differentiable)."""
-    S = cu_seqlens.numel() - 1
-    n = int(cu_seqlens[-1])
-    ids = sequence_ids(cu_seqlens.to(values.device), n)
-    out = torch.zeros((S,) + tuple(values.shape[1:]), dtype=values.dtype, device=values.device)
-    return out.index_add(0, ids, values[:n])
+    from megatron_pref.logprobs import sequence_ids as pack_sequence_ids
+
+    cu_seqlens = cu_seqlens.to(values.device)
+    num_sequences = cu_seqlens.numel() - 1
+    # Padding gets id S: summed into an extra row that is dropped.
+    ids = pack_sequence_ids(cu_seqlens, values.shape[0])
+    out = values.new_zeros((num_sequences + 1,) + tuple(values.shape[1:]))
+    return out.index_add(0, ids, values)[:num_sequences]
 
 
 def split_chosen_rejected(per_seq: torch.Tensor, batch: PackedBatch):
