@@ -18,17 +18,16 @@ these tests exercise the same code.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from megatron_pref.model import unwrap_model
+from tests.test_packaging import load_benchmark
 
 pytestmark = pytest.mark.gpu
 
@@ -44,17 +43,6 @@ LN2 = math.log(2.0)
 LOGP_TOL_PER_TOKEN = 0.015
 # |DPO loss at step 0 - ln 2| with the reference computed by the same model/recipe. PROVISIONAL.
 STEP0_TOL = {"bf16": 1e-3, "tensorwise": 1e-2, "delayed": 1e-2}
-
-
-def load_benchmark():
-    name = "benchmark_pref"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "benchmark_pref.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses need the module registered while it executes
-    spec.loader.exec_module(module)
-    return module
 
 
 def record(test: str, **values) -> None:

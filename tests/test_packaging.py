@@ -440,7 +440,7 @@ def load_benchmark():
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", "benchmark_pref.py"))
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[name] = module  # dataclasses need the module registered while it executes
         spec.loader.exec_module(module)
     return sys.modules[name]
 
@@ -644,3 +644,72 @@ def test_example_convert_train_convert_back():
     for flag in ("--seq-length", "--max-prompt-length"):
         assert value_of(train_args, flag) == value_of(preprocess, flag), flag
     assert value_of(train_args, "--tokenizer-model") == value_of(preprocess, "--tokenizer-model")
+
+
+# ----------------------------------------------------------------------------------------------
+# README.md and docs/: every documented command passes only flags its program has
+# ----------------------------------------------------------------------------------------------
+DOCUMENTS = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                             if f.endswith(".md")]
+
+
+def documented_commands(text: str) -> list[list[str]]:
+    """The argument lists after ``pretrain_pref.py`` / ``tools/*.py`` in the fenced shell blocks."""
+    import shlex
+
+    blocks, language, lines = [], None, []
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            if language is None:
+                language, lines = line.strip()[3:].strip(), []
+            else:
+                if language in ("", "bash", "sh", "console"):
+                    blocks.append("\n".join(lines))
+                language = None
+        elif language is not None:
+            lines.append(line)
+    commands = []
+    for block in blocks:
+        joined = re.sub(r"\\\n", " ", block)
+        for line in joined.splitlines():
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True  # words, with && | ; ( ) as tokens of their own
+            words, parts = [], []
+            for token in list(lexer) + [";"]:
+                if re.fullmatch(r"[|&;()<>]+", token):
+                    parts.append(words)
+                    words = []
+                else:
+                    words.append(token)
+            for words in parts:
+                for i, word in enumerate(words):
+                    if word == "pretrain_pref.py" or re.fullmatch(r"tools/\w+\.py", word):
+                        commands.append(words[i:])
+                        break
+    return commands
+
+
+def test_documented_command_parser_finds_commands_and_their_flags():
+    text = "```bash\nA=1 torchrun --nproc-per-node 2 pretrain_pref.py --loss spo \\\n  --bf16 # note\n" \
+           "python tools/convert_hf_to_megatron.py --hf-dir x && python tools/x.py --y | tail\n```\n"
+    assert documented_commands(text) == [["pretrain_pref.py", "--loss", "spo", "--bf16"],
+                                         ["tools/convert_hf_to_megatron.py", "--hf-dir", "x"],
+                                         ["tools/x.py", "--y"]]
+
+
+@pytest.mark.slow
+def test_documented_commands_use_existing_flags():
+    by_program: dict = {}
+    for doc in DOCUMENTS:
+        for command in documented_commands(read(doc)):
+            by_program.setdefault(command[0], set()).update(flags_of(command[1:]))
+    assert "pretrain_pref.py" in by_program and "tools/benchmark_pref.py" in by_program
+    problems = {}
+    for program, flags in sorted(by_program.items()):
+        assert os.path.exists(os.path.join(ROOT, program)), f"documented program {program} does not exist"
+        known = pretrain_flags() if program == "pretrain_pref.py" else help_flags([program])
+        if flags - known:
+            problems[program] = sorted(flags - known)
+    assert not problems, f"documented flags the programs do not have: {problems}"
+    # Control: a misspelt flag is caught by the same comparison.
+    assert "--tensor-parallel-size" not in pretrain_flags()

@@ -523,16 +523,61 @@ def profile_runner(runner: Runner, first_step: int, steps: int, device: str, pat
     with profile(activities=activities, record_shapes=False) as prof:
         for i in range(first_step, first_step + steps):
             runner.step(i)
+    averages = prof.key_averages()
     sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
     os.makedirs(os.path.dirname(path_prefix) or ".", exist_ok=True)
-    with open(path_prefix + ".txt", "w") as f:
-        f.write(table)
-    out = {"table": path_prefix + ".txt"}
+    from megatron_pref.atomic import write_text_atomic
+
+    write_text_atomic(path_prefix + ".txt", averages.table(sort_by=sort_by, row_limit=40))
+    out = {"table": path_prefix + ".txt", "steps": steps,
+           **time_by_category(averages, device, steps)}
     if trace:
         prof.export_chrome_trace(path_prefix + ".trace.json")
         out["trace"] = path_prefix + ".trace.json"
     return out
+
+
+# Where time goes: operator / kernel names (lower case) -> category, the first match wins.
+PROFILE_CATEGORIES = (
+    ("communication", ("nccl", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "gloo")),
+    ("optimizer", ("adam", "multi_tensor", "l2norm")),
+    ("fp8 quantize/amax", ("quantize", "amax", "cast_transpose", "fp8", "float8")),
+    ("attention", ("flash", "fmha", "sdpa", "scaled_dot_product", "attention", "attn", "bmm")),
+    ("gemm", ("gemm", "cutlass", "cublas", "nvjet", "xmma", "aten::mm", "aten::addmm", "matmul", "aten::linear")),
+    ("norm", ("rmsnorm", "rms_norm", "layernorm", "layer_norm")),
+    ("softmax / log-prob", ("softmax", "logsumexp", "cross_entropy", "nll")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "zero", "aten::cat", "index")),
+)
+
+
+def profile_category(name: str) -> str:
+    lowered = name.lower()
+    for category, patterns in PROFILE_CATEGORIES:
+        if any(p in lowered for p in patterns):
+            return category
+    return "other (elementwise, ...)"
+
+
+def time_by_category(averages, device: str, steps: int) -> dict:
+    """Self time per category and the top entries: GPU kernels on CUDA (each kernel once, not
+    also under the operator that launched it), self CPU time of operators on CPU."""
+    kernels = [e for e in averages if str(e.device_type).endswith("CUDA")] if device == "cuda" else []
+    if kernels:
+        entries, basis = [(e.key, e.self_device_time_total) for e in kernels], "GPU kernel time"
+    elif device == "cuda":  # no kernel rows: fall back to the device time operators report
+        entries, basis = [(e.key, e.self_device_time_total) for e in averages], "operator self device time"
+    else:
+        entries, basis = [(e.key, e.self_cpu_time_total) for e in averages], "operator self CPU time"
+    total_us = sum(t for _, t in entries) or 1.0
+    by_category: dict = {}
+    for key, t in entries:
+        by_category[profile_category(key)] = by_category.get(profile_category(key), 0.0) + t
+    breakdown = {c: {"ms_per_step": t / 1e3 / steps, "fraction": t / total_us}
+                 for c, t in sorted(by_category.items(), key=lambda kv: -kv[1])}
+    top = sorted(entries, key=lambda kv: -kv[1])[:15]
+    return {"basis": basis, "ms_per_step": total_us / 1e3 / steps, "by_category": breakdown,
+            "top": [{"name": k[:160], "category": profile_category(k), "ms_per_step": t / 1e3 / steps}
+                    for k, t in top]}
 
 
 def run_config(name: str, args, shape: dict, batches, device: str, peak_tflops: Optional[float]) -> dict:
@@ -669,8 +714,21 @@ def format_table(result: dict) -> str:
                      f"/ bwd {lp['chunked']['backward_extra_gib']:.2f} GiB; plain log_softmax extra fwd "
                      f"{lp['plain_fp32_log_softmax']['forward_extra_gib']:.2f} / bwd "
                      f"{lp['plain_fp32_log_softmax']['backward_extra_gib']:.2f} GiB")
+    for r in result["configs"]:
+        categories = r.get("profile", {}).get("by_category")
+        if categories:
+            shares = ", ".join(f"{c} {100 * v['fraction']:.0f}%" for c, v in categories.items() if v["fraction"] >= 0.01)
+            lines.append(f"profile {r['name']} ({r['profile']['basis']}, {r['profile']['ms_per_step']:.1f} ms/step): {shares}")
     lines.append("FLOPs/step = " + FLOP_FORMULA)
     return "\n".join(lines)
+
+
+def write_result(path: str, result: dict, complete: bool) -> None:
+    """The JSON file, written atomically; ``complete`` is false while configurations remain."""
+    from megatron_pref.atomic import write_text_atomic
+
+    result["complete"] = complete
+    write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -698,7 +756,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-trace", action="store_true",
                    help="with --profile, also write Chrome traces (large: tens of MB per configuration)")
     p.add_argument("--skip-logprob-stage", action="store_true", help="skip the log-prob memory measurement")
-    p.add_argument("--out", default=None, help="JSON path (default: runs/benchmark_pref-<preset>-<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: runs/benchmark_pref-<preset>-<device>.json); rewritten "
+                        "after every configuration, with \"complete\": false until the run ends")
     return p
 
 
@@ -710,12 +770,24 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: unknown --configs {unknown}; choose from {list(CONFIG_NAMES)}")
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+    for flag, value in (("--pairs", args.pairs), ("--num-layers", args.num_layers),
+                        ("--profile-steps", args.profile_steps), ("--logprob-chunk-tokens", args.logprob_chunk_tokens)):
+        if value is not None and value < 1:
+            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     if args.device == "cpu":
         # The CPU layer (megatron_pref.cpu) refuses to run beside a visible GPU: hide it first.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join("runs", f"benchmark_pref-{args.preset}-{device}.json")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"error: --out {out}: cannot create {out_dir}: {exc.strerror}")
+    if not os.access(out_dir, os.W_OK):
+        raise SystemExit(f"error: --out {out}: {out_dir} is not writable")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     init_single_rank(device, args.seed)
 
@@ -747,6 +819,8 @@ def main(argv=None) -> int:
     for config in configs:
         row = run_config(config, args, shape, batches, device, peak)
         result["configs"].append(row)
+        # Rewritten after every configuration: a run cut short (time limit, crash) keeps what it measured.
+        write_result(out, result, complete=False)
         print(f"[benchmark_pref] {config}: {row.get('status')} "
               + (f"{row['tokens_per_s']:,.0f} tok/s" if row.get("status") == "ok" else row.get("reason", "")),
               flush=True)
@@ -760,10 +834,7 @@ def main(argv=None) -> int:
         except Exception as exc:
             result["logprob_stage"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     result["summary"] = summarise(result)
-    out = args.out or os.path.join("runs", f"benchmark_pref-{args.preset}-{device}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    write_result(out, result, complete=True)
     print(format_table(result))
     print(f"[benchmark_pref] wrote {out}")
     from megatron_pref import parallel

@@ -1,0 +1,138 @@
+"""tools/gpu_checks.sh and the benchmark's partial results, exercised on CPU.
+
+The lent GPU gives a session about 15 minutes in all, so the one command that takes every GPU
+figure must work the first time: its budgeting, its files (the device returns at most eight)
+and the benchmark's JSON that survives a stage cut short are checked here with the tiny preset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tools", "gpu_checks.sh")
+BENCHMARK = os.path.join(ROOT, "tools", "benchmark_pref.py")
+STAGES = ("gpu-tests", "bench-8b-slice", "bench-1b", "bench-8b-fused")
+DEVICE_RETURNS_AT_MOST = 8
+
+
+def run_checks(out, budget: int):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore",
+               GPU_CHECKS_LARGE="tiny", GPU_CHECKS_SMALL="tiny",
+               GPU_CHECKS_BENCH_ARGS="--device cpu --steps 1 --warmup 0 --configs packed,hf")
+    return subprocess.run(["bash", SCRIPT, str(out), str(budget)], capture_output=True, text=True, env=env,
+                          timeout=budget + 60, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_gpu_checks_script_runs_every_stage_and_returns_few_files(tmp_path):
+    out = tmp_path / "out"
+    proc = run_checks(out, 300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = sorted(os.listdir(out))
+    # On a GPU the tests also write gpu_record.jsonl: seven files, within what the device returns.
+    assert files == sorted(["summary.txt", "gpu_tests.log", "bench-8b-slice.json", "bench-1b.json",
+                            "bench-8b-fused.json", "logs.tar.gz"]), files
+    assert len(files) + 1 <= DEVICE_RETURNS_AT_MOST
+    summary = (out / "summary.txt").read_text()
+    for stage in STAGES:
+        assert f"[{stage}] exit 0 in" in summary, summary
+    assert "gpu_checks: done in" in summary and "TIMED OUT" not in summary
+    assert "skipped" in (out / "gpu_tests.log").read_text()  # pytest ran the gpu tests (skipped on CPU)
+
+    for name in ("bench-8b-slice.json", "bench-1b.json", "bench-8b-fused.json"):
+        result = json.loads((out / name).read_text())
+        assert result["complete"] is True and result["meta"]["preset"] == "tiny"
+        assert all(r["status"] in ("ok", "skipped") for r in result["configs"]), result["configs"]
+    fused = json.loads((out / "bench-8b-fused.json").read_text())
+    assert [r["name"] for r in fused["configs"]] == ["packed", "packed-fp8"]  # the stage's own --configs wins
+
+    profiled = json.loads((out / "bench-8b-slice.json").read_text())
+    for row in profiled["configs"]:
+        shares = row["profile"]["by_category"]
+        assert sum(v["fraction"] for v in shares.values()) == pytest.approx(1.0, abs=1e-6)
+        assert "gemm" in shares and row["profile"]["top"], row["profile"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert {f"logs/{s}.log" for s in STAGES} <= set(names)
+    assert "logs/profiles/tiny-packed.txt" in names and "logs/profiles/tiny-hf.txt" in names
+
+
+def test_gpu_checks_script_skips_stages_when_the_budget_is_spent(tmp_path):
+    """Negative control of the budgeting: 30 s leave no stage its 20 s minimum."""
+    out = tmp_path / "out"
+    proc = run_checks(out, 30)
+    assert proc.returncode == 0, proc.stderr
+    summary = (out / "summary.txt").read_text()
+    for stage in STAGES:
+        assert f"[{stage}] skipped" in summary, summary
+    assert not any(name.endswith(".json") for name in os.listdir(out))
+
+
+def test_gpu_checks_script_refuses_bad_arguments(tmp_path):
+    proc = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "usage" in proc.stderr
+    proc = subprocess.run(["bash", SCRIPT, str(tmp_path), "9m"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "TOTAL_SECONDS" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_benchmark_keeps_finished_configurations_when_cut_short(tmp_path):
+    """The JSON is rewritten after every configuration: an interrupted run keeps what it measured,
+    marked incomplete. Control: the same run uninterrupted ends complete with both rows."""
+    driver = textwrap.dedent('''
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("benchmark_pref", sys.argv[1])
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules["benchmark_pref"] = bench
+        spec.loader.exec_module(bench)
+        run_config = bench.run_config
+        def interrupted(name, *args, **kwargs):
+            if name == "hf" and sys.argv[3] == "interrupt":
+                raise KeyboardInterrupt  # as a time limit's signal would stop it
+            return run_config(name, *args, **kwargs)
+        bench.run_config = interrupted
+        sys.exit(bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                             "--configs", "packed,hf", "--skip-logprob-stage", "--out", sys.argv[2]]))
+    ''')
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    results = {}
+    for mode in ("interrupt", "complete"):
+        out = tmp_path / f"{mode}.json"
+        proc = subprocess.run([sys.executable, "-c", driver, BENCHMARK, str(out), mode], capture_output=True,
+                              text=True, env=env, timeout=180, cwd=str(tmp_path))
+        results[mode] = (proc.returncode, json.loads(out.read_text()))
+    code, cut = results["interrupt"]
+    assert code != 0
+    assert cut["complete"] is False and [r["name"] for r in cut["configs"]] == ["packed"]
+    assert cut["configs"][0]["status"] == "ok" and cut["configs"][0]["tokens_per_s"] > 0
+    code, whole = results["complete"]
+    assert code == 0 and whole["complete"] is True
+    assert [r["name"] for r in whole["configs"]] == ["packed", "hf"] and "summary" in whole
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")], "temporary files left behind"
+
+
+@pytest.mark.parametrize("name, category", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", "gemm"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", "attention"),
+    ("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", "attention"),
+    ("void transformer_engine::cast_transpose_kernel<...>", "fp8 quantize/amax"),
+    ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", "optimizer"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
+    ("void transformer_engine::normalization::rmsnorm_fwd_tuned_kernel", "norm"),
+    ("aten::_log_softmax", "softmax / log-prob"),
+    ("Memcpy DtoD (Device -> Device)", "copy / fill"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>", "other (elementwise, ...)"),
+])
+def test_profile_categories(name, category):
+    from tests.test_packaging import load_benchmark
+
+    assert load_benchmark().profile_category(name) == category
