@@ -60,7 +60,33 @@ def build_optimizer(model_chunks: list, optim, precision: PrecisionConfig):
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         clip_grad=optim.clip_grad, bf16=precision.bf16, params_dtype=precision.params_dtype,
         use_distributed_optimizer=optim.use_distributed_optimizer)
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    if torch.cuda.is_available():
+        use_fused_torch_adam(optimizer)
+    return optimizer
+
+
+def use_fused_torch_adam(optimizer, devices: tuple = ("cuda",)) -> int:
+    """Switch megatron-core's torch Adam fallback to torch's fused kernel; returns how many
+    optimizers were switched.
+
+    megatron-core takes TE's fused Adam, else apex's, else ``torch.optim.Adam(W)`` with its
+    default multi-tensor (foreach) step. apex is optional here, so without TE and apex a GPU
+    run gets torch's fused Adam (one kernel over all tensors) instead. Before the first step
+    only: fused keeps its step counters on the device, the foreach path on the host.
+    """
+    switched = 0
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):  # TE / apex FusedAdam: already fused
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if not params or any(p.device.type not in devices for p in params) or inner.state:
+            continue
+        for group in inner.param_groups:
+            group["fused"], group["foreach"] = True, False
+        switched += 1
+    return switched
 
 
 def build_scheduler(optimizer, optim, train_iters: int):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_pref.arguments import OptimConfig
-from megatron_pref.engine import build_model_chunks, build_optimizer, run_schedule
+from megatron_pref.engine import build_model_chunks, build_optimizer, global_pair_counts, run_schedule
 from megatron_pref.losses import LossConfig
 from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, layout_invariant_init, unwrap_model
 from megatron_pref.step import MicroBatch, preference_forward_step, preference_loss_func
@@ -61,7 +61,6 @@ def _one_step(parallel, model_cfg, loss_name, pack_sizes, dp_split=True):
     if dp_split:
         packs = packs[dp_rank::dp]
     micro = micro_batches(packs, with_reference=loss_name in ("dpo", "spo"))
-    from megatron_pref.engine import global_pair_counts
 
     pairs, rejected_tokens = global_pair_counts(micro)
     for m in micro:
@@ -223,3 +222,44 @@ def test_packed_without_boundaries_differs(distributed):
     """Negative control: one causal span over the whole pack leaks across sequences."""
     (leaky, padded), = distributed(_per_sequence_logps, 1, ParallelConfig(), MODEL, False)
     assert (leaky - padded)[1:].abs().max() > 1e-3
+
+
+def _steps_with_torch_adam(fused: bool, steps: int = 3):
+    """Parameters after a few Adam steps, with megatron-core's torch Adam fallback as it is or
+    switched to the fused kernel (on CPU here; build_optimizer switches it on GPUs)."""
+    from megatron_pref.engine import use_fused_torch_adam
+
+    chunks = build_model_chunks(MODEL, ParallelConfig(), PrecisionConfig())
+    layout_invariant_init(chunks[0], MODEL, SEED)
+    optimizer = build_optimizer(chunks, OptimConfig(lr=1e-2, clip_grad=1e9), PrecisionConfig())
+    switched = use_fused_torch_adam(optimizer, devices=("cpu",)) if fused else 0
+    groups = [g for o in getattr(optimizer, "chained_optimizers", [optimizer]) for g in o.optimizer.param_groups]
+    forward_step = preference_forward_step("dpo", LossConfig(beta=0.5), VOCAB, use_thd=False)
+    for _ in range(steps):
+        chunks[0].zero_grad_buffer()
+        optimizer.zero_grad()
+        micro = micro_batches(split_into_packs(PAIRS, PACK_SIZES), with_reference=True)
+        pairs, rejected_tokens = global_pair_counts(micro)
+        for m in micro:
+            m.pairs_per_rejected_token = pairs / rejected_tokens
+        run_schedule(chunks, micro, forward_step, forward_only=False, optimizer=optimizer)
+        optimizer.step()
+    # Once stepped, the optimizer keeps its layout: switching now would be refused.
+    again = use_fused_torch_adam(optimizer, devices=("cpu",))
+    params = {n: p.detach().clone() for n, p in unwrap_model(chunks[0]).named_parameters()}
+    return switched, again, [bool(g.get("fused")) for g in groups], params
+
+
+def test_fused_torch_adam_fallback_matches_the_foreach_step(distributed):
+    (plain,) = distributed(_steps_with_torch_adam, 1, ParallelConfig(), False)
+    (fused,) = distributed(_steps_with_torch_adam, 1, ParallelConfig(), True)
+    assert plain[0] == 0 and not any(plain[2])
+    assert fused[0] >= 1 and all(fused[2]) and fused[1] == 0
+    moved = 0
+    for name, value in fused[3].items():
+        assert torch.allclose(value, plain[3][name], atol=1e-5, rtol=1e-5), name
+        moved += 1
+    assert moved > 0
+    # Control: the optimizer did move the weights (a no-op step would also "match").
+    initial = distributed(_steps_with_torch_adam, 1, ParallelConfig(), False, 0)[0][3]
+    assert any(not torch.allclose(initial[n], plain[3][n]) for n in initial)
