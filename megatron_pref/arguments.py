@@ -68,6 +68,7 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
 
 
 @dataclass
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient reduction with the backward pass")
 
     g = p.add_argument_group("precision and kernels")
     g.add_argument("--bf16", action="store_true")
@@ -341,7 +344,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             train_iters=args.train_iters,
             train_epochs=args.train_epochs, clip_grad=args.clip_grad, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            use_distributed_optimizer=args.use_distributed_optimizer),
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce),
         checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
                                     exit_interval=args.exit_interval, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng),
         log=EvalLogConfig(log_interval=args.log_interval,

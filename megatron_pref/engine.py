@@ -19,11 +19,13 @@ from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, bu
 
 def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                        wrap_ddp: bool = True, use_distributed_optimizer: bool = False,
-                       perform_initialization: bool = True) -> list:
+                       perform_initialization: bool = True, overlap_grad_reduce: bool = False) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage), DDP-wrapped.
 
     ``wrap_ddp=False`` builds a frozen model (the online reference): no gradients, no DDP
-    buffers, no optimizer state.
+    buffers, no optimizer state. ``overlap_grad_reduce`` (``--overlap-grad-reduce``) launches
+    each gradient bucket's data-parallel reduction as soon as the last micro-batch's backward
+    has filled it, overlapping it with the rest of the backward.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
@@ -40,7 +42,7 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
             model = Float16Module(model.config, model)
         if wrap_ddp:
             ddp_config = DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
                 use_distributed_optimizer=use_distributed_optimizer)
             model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
                                             disable_bucketing=(vp_stage is not None and vp_stage > 0))
@@ -108,7 +110,16 @@ def _configure_schedule(model_chunks: list, optimizer=None) -> None:
     config = get_model_config(model_chunks[0])
     config.finalize_model_grads_func = finalize_model_grads if optimizer is not None else None
     config.grad_scale_func = optimizer.scale_loss if optimizer is not None else None
-    if optimizer is not None and len(model_chunks) == 1:
+    if optimizer is None:
+        return
+    if any(getattr(getattr(c, "ddp_config", None), "overlap_grad_reduce", False) for c in model_chunks):
+        # As Megatron-LM: every chunk defers its reduction until its last micro-batch, and the
+        # schedule starts each chunk's reduction when that chunk's last backward is done.
+        no_sync = [c.no_sync for c in model_chunks]
+        grad_sync = [c.start_grad_sync for c in model_chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    elif len(model_chunks) == 1:
         config.no_sync_func = model_chunks[0].no_sync
 
 
@@ -165,6 +176,7 @@ def run_schedule(model_chunks: list, micro_batches: Sequence, forward_step: Call
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     micro_batches = pad_micro_batches_for_interleaving(
         list(micro_batches), ps.get_pipeline_model_parallel_world_size(),
@@ -173,15 +185,23 @@ def run_schedule(model_chunks: list, micro_batches: Sequence, forward_step: Call
     # Each chunk reads the same sequence of micro-batches.
     iterators = [iter(micro_batches) for _ in model_chunks]
     longest = max(int(m.pack.tokens.numel()) for m in micro_batches)
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-        num_microbatches=len(micro_batches),
-        seq_length=longest,
-        micro_batch_size=1,
-        forward_only=forward_only,
-    )
+    config = get_model_config(model_chunks[0])
+    # Interleaving pads every pack to one length, so the shape is known: no per-transfer shape
+    # exchange (one round trip less per p2p on GPUs; on gloo the untagged exchange of shapes
+    # could deadlock when every micro-batch of a stage is in the warm-up phase).
+    config.variable_seq_lengths = not ps.get_virtual_pipeline_model_parallel_world_size()
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=longest,
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+    finally:
+        config.variable_seq_lengths = True
 
 
 def metric_sums_over_data_parallel(outputs: list[dict], names: Sequence[str]) -> dict:

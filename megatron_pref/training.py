@@ -309,6 +309,7 @@ def train(run: RunConfig) -> dict:
     # overwrites every tensor, so megatron-core's own initialisation would be wasted work.
     model_chunks = build_model_chunks(model_cfg, run.parallel, run.precision,
                                       use_distributed_optimizer=run.optim.use_distributed_optimizer,
+                                      overlap_grad_reduce=run.optim.overlap_grad_reduce,
                                       perform_initialization=False)
     if not run.checkpoint.load:
         for chunk in model_chunks:

@@ -48,11 +48,11 @@ def _gather_tp(tensor, dim):
     return torch.cat(parts, dim=dim)
 
 
-def _one_step(parallel, model_cfg, loss_name, pack_sizes, dp_split=True):
+def _one_step(parallel, model_cfg, loss_name, pack_sizes, dp_split=True, overlap_grad_reduce=False):
     """Loss, grad norm and selected full gradients after one backward on the global batch."""
     from megatron.core import parallel_state as ps
 
-    chunks = build_model_chunks(model_cfg, parallel, PrecisionConfig())
+    chunks = build_model_chunks(model_cfg, parallel, PrecisionConfig(), overlap_grad_reduce=overlap_grad_reduce)
     for chunk in chunks:
         layout_invariant_init(chunk, model_cfg, SEED)
     optimizer = build_optimizer(chunks, OptimConfig(lr=0.0, clip_grad=1e9), PrecisionConfig())
@@ -119,6 +119,8 @@ LAYOUTS = {
     "dp2": (2, ParallelConfig()),
     "tp2pp2": (4, ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
     "pp2vpp2": (2, ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
+    # Two micro-batches per DP rank: every one of the first stage's is in the warm-up phase.
+    "pp2vpp2dp2": (4, ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
 }
 
 
@@ -129,6 +131,19 @@ def test_parallel_layouts_match_single_rank(distributed, layout, loss_name):
     world, parallel = LAYOUTS[layout]
     got = _merged(distributed(_one_step, world, parallel, parallel, MODEL, loss_name, PACK_SIZES))
     assert_same_step(got, baseline(distributed, loss_name))
+
+
+# --overlap-grad-reduce: the reduction starts inside the schedule (per chunk, bucket by bucket)
+# instead of in finalize_model_grads; the gradients must not change. Data parallel with several
+# micro-batches per rank (no_sync until the last), with 1F1B, and with virtual stages.
+@pytest.mark.parametrize("world,parallel", [
+    (2, ParallelConfig()),
+    (4, ParallelConfig(pipeline_model_parallel_size=2)),
+    (4, ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
+], ids=["dp2", "pp2dp2", "pp2vpp2dp2"])
+def test_overlap_grad_reduce_matches_single_rank(distributed, world, parallel):
+    got = _merged(distributed(_one_step, world, parallel, parallel, MODEL, "dpo", PACK_SIZES, True, True))
+    assert_same_step(got, baseline(distributed, "dpo"))
 
 
 @pytest.mark.parametrize("sizes", [(6,), (1, 1, 1, 1, 1, 1), (4, 2)])

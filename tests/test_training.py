@@ -110,6 +110,17 @@ def test_resume_equals_uninterrupted(distributed, tmp_path, tiny):
     assert resumed[0]["train"]["loss"] == whole[0]["train"]["loss"]
 
 
+def test_overlap_grad_reduce_trains_like_the_default(distributed, tmp_path, tiny):
+    """--overlap-grad-reduce moves the data-parallel reduction into the backward: 3 steps at
+    DP=2 (several packs per rank) end with the same weights."""
+    common = tiny + ["--loss", "dpo", "--ref-cache-dir", str(tmp_path / "cache"), "--eval-interval", "100",
+                     "--train-iters", "3"]
+    plain = run_training(distributed, 2, common)
+    overlapped = run_training(distributed, 2, common + ["--overlap-grad-reduce"])
+    assert [r["weights_sha256"] for r in overlapped] == [r["weights_sha256"] for r in plain]
+    assert overlapped[0]["train"]["loss"] == pytest.approx(plain[0]["train"]["loss"], abs=1e-7)
+
+
 def test_checkpoint_reshards_between_layouts(distributed, tmp_path, tiny):
     """Saved at TP=2/PP=2, loaded at TP=1/PP=1 (and back): the same held-out loss."""
     common = tiny + ["--loss", "simpo", "--beta", "2.0", "--eval-interval", "100"]
