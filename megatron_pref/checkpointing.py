@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megatron_pref.atomic import write_json_atomic, write_text_atomic
 from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, TOKENIZER_DIR,
-                                                 copy_tokenizer, iteration_name, read_checkpoint_metadata)
+                                                 copy_tokenizer, iteration_name, load_sharded, read_checkpoint_metadata)
 from megatron_pref.model import ModelConfig, unwrap_model
 
 TMP_SUFFIX = ".tmp"
@@ -62,15 +62,19 @@ def _barrier() -> None:
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
+    # The device type too: CPU generator states do not fit CUDA generators (and back).
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1}
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def model_sharded_state_dict(model_chunks: list) -> dict:
     """One entry per chunk; the sharded tensors' keys are global, so chunk count may change."""
-    if len(model_chunks) == 1:
-        return {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+    return {key: unwrap_model(c).sharded_state_dict() for key, c in zip(_chunk_keys(model_chunks), model_chunks)}
+
+
+def _chunk_keys(model_chunks: list) -> list:
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
 
 
 def _rng_sharded_object():
@@ -200,11 +204,7 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
     same_layout = resume and train_state.get("layout") == _layout()
     if resume and load_rng and same_layout:
         request["rng"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(request, str(path), strict=_load_strictness())
-
-    for i, chunk in enumerate(model_chunks):
-        key = "model" if len(model_chunks) == 1 else f"model{i}"
-        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+    loaded = _load_sharded(request, path, model_chunks)
     if not resume:
         return None
     if "optimizer" in request:
@@ -217,23 +217,16 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
                       epoch=train_state.get("epoch", 0), reference_source=train_state.get("reference_source"))
 
 
-def _load_strictness():
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    # Optimizer-free checkpoints (converted) lack keys a training request may not ask for.
-    return StrictHandling.ASSUME_OK_UNEXPECTED
+def _load_sharded(request: dict, path: Path, model_chunks: list) -> dict:
+    """The request loaded into the chunks (TE ``_extra_state`` may be absent, see load_sharded)."""
+    modules = {key: unwrap_model(c) for key, c in zip(_chunk_keys(model_chunks), model_chunks)}
+    return load_sharded(request, path, modules, error=CheckpointError)
 
 
 def load_weights_only(load_dir, model_chunks: list) -> None:
     """Reference / evaluation models: weights only, whatever else the checkpoint holds."""
-    from megatron.core import dist_checkpointing
-
     path = validate_checkpoint_dir(load_dir)
-    request = model_sharded_state_dict(model_chunks)
-    loaded = dist_checkpointing.load(request, str(path), strict=_load_strictness())
-    for i, chunk in enumerate(model_chunks):
-        key = "model" if len(model_chunks) == 1 else f"model{i}"
-        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+    _load_sharded(model_sharded_state_dict(model_chunks), path, model_chunks)
 
 
 def checkpoint_fingerprint(load_dir) -> str:

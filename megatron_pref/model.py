@@ -20,6 +20,7 @@ import torch.nn.functional as F
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
+THD_MAX_SEQLEN_MULTIPLE = 64
 
 
 @dataclass
@@ -136,7 +137,7 @@ def te_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401  (the torch extension, not only the package)
     except Exception:
         return False
     return True
@@ -202,7 +203,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # TE's fused RoPE (THD-aware); megatron-core's unfused THD RoPE splits every pack
+        # per sequence with host synchronisations in every layer.
+        apply_rope_fusion=precision.transformer_impl == "transformer_engine",
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         **fp8,
@@ -293,14 +296,20 @@ def packed_forward_inputs(tokens: torch.Tensor, position_ids: torch.Tensor, cu_s
     if use_thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        boundaries = cu_seqlens.to(torch.int32)
+        # Boundaries are worked out on the host (cu_seqlens come from the CPU-side packer),
+        # then copied once: no device synchronisation per pack.
+        boundaries = cu_seqlens.detach().to("cpu", torch.int32)
         if int(boundaries[-1]) < total:
             boundaries = torch.cat([boundaries, boundaries.new_tensor([total])])
-        max_len = int((boundaries[1:] - boundaries[:-1]).max())
+        # Rounded up to 64 as TE does when it infers it: fewer distinct values across ragged
+        # packs, so TE's backend choice and the RoPE table are reused instead of rebuilt.
+        max_len = THD_MAX_SEQLEN_MULTIPLE * math.ceil(int((boundaries[1:] - boundaries[:-1]).max())
+                                                       / THD_MAX_SEQLEN_MULTIPLE)
+        boundaries = boundaries.to(tokens.device, non_blocking=True)
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=boundaries, cu_seqlens_kv=boundaries,
                                  max_seqlen_q=max_len, max_seqlen_kv=max_len)
         return PackedForwardInputs(tokens[None], position_ids[None], None, params)
-    mask = block_diagonal_causal_mask(cu_seqlens, total)
+    mask = block_diagonal_causal_mask(cu_seqlens.to(tokens.device), total)
     return PackedForwardInputs(tokens[None], position_ids[None], mask)
 
 
@@ -328,8 +337,8 @@ def layout_invariant_init(model, model_cfg: ModelConfig, seed: int) -> None:
     parallel layouts can be compared exactly. Scheme: N(0, std) weights, std/sqrt(2L) for the
     output projections (as megatron-core), ones for norm weights, zeros for biases.
 
-    Every rank draws full tensors: meant for random initialisation of small and medium
-    models; large runs start from a converted checkpoint.
+    Every rank draws full tensors (on the parameter's device): meant for random
+    initialisation; large runs start from a converted checkpoint.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -344,13 +353,16 @@ def layout_invariant_init(model, model_cfg: ModelConfig, seed: int) -> None:
         leaf = short[-1]
         shape = tuple(sharded.global_shape)
         if leaf == "bias" or key.endswith("_bias"):
-            full = torch.zeros(shape)
+            full = torch.zeros(shape, device=sharded.data.device)
         elif "norm" in key and leaf == "weight" or key.endswith("layer_norm_weight"):
-            full = torch.ones(shape)
+            full = torch.ones(shape, device=sharded.data.device)
         else:
-            generator = torch.Generator().manual_seed(_stable_seed(seed, key))
+            # Drawn where the parameter lives: on a GPU, seconds instead of minutes for billions
+            # of values (the values then differ from a CPU draw, and stay layout-invariant).
+            device = sharded.data.device
+            generator = torch.Generator(device=device).manual_seed(_stable_seed(seed, key))
             scale = output_std if ("linear_proj" in key or "linear_fc2" in key) else std
-            full = torch.randn(shape, generator=generator) * scale
+            full = torch.randn(shape, generator=generator, device=device) * scale
         prepend = sharded.prepend_axis_num
         local_shape = (1,) * prepend + tuple(sharded.data.shape)
         index = tuple(slice(o, o + s) for o, s in zip(sharded.global_offset, local_shape))

@@ -148,8 +148,7 @@ def _wraps_float16_module(model) -> bool:
 def model_forward(model, pack, use_thd: bool):
     """Run this stage's GPTModel on one pack (inputs on the model's device)."""
     device = next(model.parameters()).device
-    inputs = packed_forward_inputs(pack.tokens.to(device), pack.position_ids.to(device),
-                                   pack.cu_seqlens.to(device), use_thd)
+    inputs = packed_forward_inputs(pack.tokens.to(device), pack.position_ids.to(device), pack.cu_seqlens, use_thd)
     extra = {}
     if _wraps_float16_module(model):
         # Keep bf16 logits: Float16Module's default upcast would hold a full fp32 [T, V/TP]

@@ -115,6 +115,18 @@ def metric_names(loss_name: str, loss_config) -> list:
     return sorted(names)
 
 
+def check_fp8_support(precision) -> None:
+    """FP8 needs Transformer Engine layers, and MXFP8 a Blackwell GPU (TE would assert later)."""
+    if precision.transformer_impl != "transformer_engine":
+        raise ConfigError("--fp8-format needs Transformer Engine layers, and Transformer Engine is not "
+                          "importable here (pip install -e '.[gpu]', or use the Docker image)")
+    capability = torch.cuda.get_device_capability()
+    if precision.fp8_recipe == "mxfp8" and capability < (10, 0):
+        raise ConfigError(f"--fp8-recipe mxfp8 needs compute capability 10.0 or newer (Blackwell); "
+                          f"{torch.cuda.get_device_name()} has {capability[0]}.{capability[1]}: "
+                          "use delayed, tensorwise or blockwise")
+
+
 def _reference_source(run: RunConfig, resumed_source: Optional[dict]) -> Optional[dict]:
     """Where the reference weights come from: a checkpoint, or the seeded initialisation."""
     from megatron_pref.losses import requires_reference
@@ -228,7 +240,7 @@ def evaluate(model_chunks, loader, reference, forward_step, names, max_steps: Op
     return {f"eval/{name}": value / max(pairs, 1) for name, value in sums.items()}
 
 
-def demo_exact_match(model_chunks, tokenizer, use_thd: bool, split: str = "test") -> float:
+def demo_exact_match(model_chunks, tokenizer, use_thd: bool, split: str = "test", pad_multiple: int = 1) -> float:
     """Greedy answers to the demo's held-out prompts, scored exactly."""
     from megatron_pref.data import demo_task
     from megatron_pref.generation import greedy_generate
@@ -237,7 +249,7 @@ def demo_exact_match(model_chunks, tokenizer, use_thd: bool, split: str = "test"
     prompts = [([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(r["prompt"])
                for r in rows]
     answers = greedy_generate(model_chunks, prompts, tokenizer.vocab_size, tokenizer.eos_id,
-                              max_new_tokens=5, use_thd=use_thd)
+                              max_new_tokens=5, use_thd=use_thd, pad_multiple=pad_multiple)
     texts = [tokenizer.decode(a) for a in answers]
     return demo_task.exact_match_accuracy([r["prompt"] for r in rows], texts)
 
@@ -269,6 +281,10 @@ def train(run: RunConfig) -> dict:
         raise ConfigError("--use-distributed-optimizer needs GPUs; on CPU drop the flag")
     if run.precision.fp8_format and not torch.cuda.is_available():
         raise ConfigError("--fp8-format needs GPUs with Transformer Engine")
+    if run.precision.transformer_impl == "auto":
+        run.precision.transformer_impl = default_transformer_impl()
+    if run.precision.fp8_format:
+        check_fp8_support(run.precision)
     try:
         run.parallel.validate_for(resolve_model_config(run, None, checkpoint_model), world_size)
     except ValueError as exc:
@@ -280,8 +296,6 @@ def train(run: RunConfig) -> dict:
                           f"data-parallel size {data_parallel_size}")
     data = build_data(run)
     model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
-    if run.precision.transformer_impl == "auto":
-        run.precision.transformer_impl = default_transformer_impl()
     use_thd = run.precision.transformer_impl == "transformer_engine"
 
     # --- Process groups --------------------------------------------------------------------
@@ -296,7 +310,8 @@ def train(run: RunConfig) -> dict:
     # --- Data --------------------------------------------------------------------------------
     pad_multiple = compute_pad_multiple(fp8=bool(run.precision.fp8_format),
                                         tensor_parallel=run.parallel.tensor_model_parallel_size,
-                                        sequence_parallel=run.parallel.sequence_parallel)
+                                        sequence_parallel=run.parallel.sequence_parallel,
+                                        fp8_recipe=run.precision.fp8_recipe)
     loader_kwargs = dict(seq_length=run.data.seq_length, dp_rank=dp_rank, dp_size=dp_size, seed=run.seed,
                          pad_multiple=pad_multiple, max_prompt_length=run.data.max_prompt_length)
     train_loader = PackedPairLoader(data.train, global_batch_pairs=run.optim.global_batch_size, **loader_kwargs)
@@ -351,7 +366,8 @@ def train(run: RunConfig) -> dict:
         results = evaluate(model_chunks, valid_loader, references["valid"], forward_step, names,
                            run.log.eval_iters, progress=not run.log.no_progress_bar)
         if run.data.uses_demo:
-            results["eval/exact_match"] = demo_exact_match(model_chunks, data.tokenizer, use_thd)
+            results["eval/exact_match"] = demo_exact_match(model_chunks, data.tokenizer, use_thd,
+                                                           pad_multiple=pad_multiple)
         logger.info("%s evaluation: %s", tag, "  ".join(
             f"{k.removeprefix('eval/')} {v:.4f}" for k, v in results.items()
             if k in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/exact_match")))

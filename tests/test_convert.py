@@ -241,6 +241,43 @@ def _reshard_and_save(src, dst):
     return model.embedding.word_embeddings.weight.shape[0] if ps.is_pipeline_first_stage() else None
 
 
+def _load_with_extra_state(src, bogus_key=None):
+    """Load ``src`` into a model whose final norm carries a TE-style ``_extra_state`` (the
+    checkpoint, written without TE, has none); optionally also request a tensor it lacks."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_pref.convert.checkpoint_io import load_model_checkpoint, read_model_config
+    from megatron_pref.convert.errors import ConversionError
+    from megatron_pref.model import PrecisionConfig, build_gpt_model
+
+    model = build_gpt_model(read_model_config(src), ParallelConfig(), PrecisionConfig())
+    norm = model.decoder.final_layernorm
+    norm.__class__ = type("NormWithExtraState", (type(norm),), {
+        "get_extra_state": lambda self: torch.zeros(2), "set_extra_state": lambda self, state: None})
+    requested = model.sharded_state_dict
+    assert "decoder.final_layernorm._extra_state" in requested()  # what TE modules add
+    if bogus_key:
+        model.sharded_state_dict = lambda *a, **k: dict(
+            requested(*a, **k), **{bogus_key: ShardedTensor.from_rank_offsets(bogus_key, torch.zeros(4))})
+    with torch.no_grad():
+        model.decoder.final_layernorm.weight.fill_(float("nan"))
+    try:
+        load_model_checkpoint(model, src)
+    except ConversionError as exc:
+        return "error", str(exc)
+    return "ok", bool(torch.isfinite(model.decoder.final_layernorm.weight).all())
+
+
+def test_checkpoint_without_te_extra_state_loads_into_te_style_modules(converted):
+    """Converted (or CPU-saved) checkpoints have no TE ``_extra_state``; a TE model asks for it.
+    It may be absent; any other missing tensor is one clear error naming it (control)."""
+    c = converted("llama")
+    assert run_on_ranks(_load_with_extra_state, 1, ParallelConfig(), str(c["mc"]))[0] == ("ok", True)
+    status, message = run_on_ranks(_load_with_extra_state, 1, ParallelConfig(), str(c["mc"]),
+                                   "decoder.bogus.weight")[0]
+    assert status == "error" and "decoder.bogus.weight" in message and "\n" not in message
+
+
 def test_checkpoint_saved_at_tp2_pp2_exports_bit_exactly(converted, tmp_path):
     """save_model_checkpoint from 4 ranks (TP=2 x PP=2, vocab re-padded to 1280), then export."""
     c = converted("gpt2")

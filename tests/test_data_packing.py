@@ -126,6 +126,9 @@ def test_pad_to_seq_length_and_pad_multiple_helper():
     assert compute_pad_multiple(fp8=True) == 16
     assert compute_pad_multiple(fp8=True, tensor_parallel=2, sequence_parallel=True, context_parallel=2) == 128
     assert compute_pad_multiple(tensor_parallel=4, sequence_parallel=False) == 1
+    # Blockwise FP8 gathers sequence-parallel shards in 128-token blocks; without SP, 16.
+    assert compute_pad_multiple(fp8=True, tensor_parallel=2, sequence_parallel=True, fp8_recipe="blockwise") == 256
+    assert compute_pad_multiple(fp8=True, tensor_parallel=2, fp8_recipe="blockwise") == 16
     ds = make_dataset(50)
     loader = PackedPairLoader(ds, 100, 10, pad_multiple=16, pad_to_seq_length=True)
     for p in loader.next_global_batch():

@@ -238,6 +238,10 @@ def step0_identity(bench, prec, ref_mode: str, calibrate: bool, use_thd: bool = 
     micro = step.MicroBatch(pack=pack)
     ref_chunks = chunks if ref_mode == "precompute" else frozen_copy(chunks, model_cfg, prec)
     micro.ref_chosen_logps, micro.ref_rejected_logps = reference_pass(ref_chunks, micro, use_thd, calibrate)
+    if calibrate and ref_chunks is not chunks:
+        # The frozen copy has its own FP8 scaling state: the policy needs its discarded pass too,
+        # or its first forward runs with the initial scales while the reference's did not.
+        reference_pass(chunks, micro, use_thd)
     forward_step = step.preference_forward_step("dpo", LossConfig(beta=0.1), VOCAB, use_thd)
     names = ["loss", "rewards/margins"]
     result = engine.train_step(chunks, optimizer, [micro], forward_step, names, iteration=0)

@@ -26,7 +26,7 @@ DEVICE_RETURNS_AT_MOST = 8
 def run_checks(out, budget: int):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore",
                GPU_CHECKS_LARGE="tiny", GPU_CHECKS_SMALL="tiny",
-               GPU_CHECKS_BENCH_ARGS="--device cpu --steps 1 --warmup 0 --configs packed,hf")
+               GPU_CHECKS_BENCH_ARGS="--device cpu --steps 1 --warmup 0")
     return subprocess.run(["bash", SCRIPT, str(out), str(budget)], capture_output=True, text=True, env=env,
                           timeout=budget + 60, cwd=ROOT)
 
@@ -55,7 +55,8 @@ def test_gpu_checks_script_runs_every_stage_and_returns_few_files(tmp_path):
     assert [r["name"] for r in fused["configs"]] == ["packed", "packed-fp8"]  # the stage's own --configs wins
 
     profiled = json.loads((out / "bench-8b-slice.json").read_text())
-    for row in profiled["configs"]:
+    assert [r["name"] for r in profiled["configs"]] == ["packed", "hf", "packed-fp8", "padded"]  # targets first
+    for row in (r for r in profiled["configs"] if r["status"] == "ok"):
         shares = row["profile"]["by_category"]
         assert sum(v["fraction"] for v in shares.values()) == pytest.approx(1.0, abs=1e-6)
         assert "gemm" in shares and row["profile"]["top"], row["profile"]
@@ -136,3 +137,44 @@ def test_profile_categories(name, category):
     from tests.test_packaging import load_benchmark
 
     assert load_benchmark().profile_category(name) == category
+
+
+@pytest.mark.slow
+def test_benchmark_retries_out_of_memory_with_smaller_micro_batches(tmp_path):
+    """A configuration that runs out of memory with all pairs in one micro-batch is retried with
+    half as many pairs per micro-batch; the step's loss (mean over its pairs) does not change."""
+    driver = textwrap.dedent('''
+        import importlib.util, json, sys
+        import torch
+        spec = importlib.util.spec_from_file_location("benchmark_pref", sys.argv[1])
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules["benchmark_pref"] = bench
+        spec.loader.exec_module(bench)
+        if sys.argv[3] == "oom":
+            for name in ("megatron_runner", "hf_runner"):
+                build = getattr(bench, name)
+                def too_big(*args, _build=build, micro_pairs=None, **kwargs):
+                    if micro_pairs is None or micro_pairs > 1:   # only one pair at a time "fits"
+                        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+                    return _build(*args, micro_pairs=micro_pairs, **kwargs)
+                setattr(bench, name, too_big)
+        sys.exit(bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                             "--configs", "packed,padded,hf", "--skip-logprob-stage", "--out", sys.argv[2]]))
+    ''')
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    rows = {}
+    for mode in ("fits", "oom"):
+        out = tmp_path / f"{mode}.json"
+        proc = subprocess.run([sys.executable, "-c", driver, BENCHMARK, str(out), mode], capture_output=True,
+                              text=True, env=env, timeout=300, cwd=str(tmp_path))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        rows[mode] = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
+    for name in ("packed", "padded", "hf"):
+        fits, retried = rows["fits"][name], rows["oom"][name]
+        assert fits["micro_pairs"] == 4 and "out_of_memory_at_micro_pairs" not in fits
+        assert retried["status"] == "ok", retried
+        assert retried["micro_pairs"] == 1 and retried["out_of_memory_at_micro_pairs"] == [4, 2]
+        assert retried["losses"][0] == pytest.approx(fits["losses"][0], rel=1e-5), name
+        assert retried["real_tokens_per_step"] == fits["real_tokens_per_step"]
+    # Per-pair micro-batches pad each pair to its own longest sequence: less padding than one batch.
+    assert rows["oom"]["hf"]["padding_fraction"] < rows["fits"]["hf"]["padding_fraction"]

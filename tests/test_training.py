@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_pref.arguments import parse_run_config
 from megatron_pref.model import ParallelConfig
@@ -388,3 +389,23 @@ def test_demo_learns(tmp_path):
     before, after = evals[0]["eval/rewards/accuracies"], evals[-1]["eval/rewards/accuracies"]
     assert after > 0.75, (before, after)
     assert "held-out preference accuracy" in out.stdout
+
+
+@pytest.mark.parametrize("impl,recipe,capability,error", [
+    ("local", "tensorwise", (9, 0), "needs Transformer Engine"),
+    ("transformer_engine", "mxfp8", (9, 0), "mxfp8 needs compute capability 10.0"),
+    ("transformer_engine", "mxfp8", (10, 0), None),
+    ("transformer_engine", "blockwise", (9, 0), None),
+])
+def test_fp8_support_is_checked_before_any_work(monkeypatch, impl, recipe, capability, error):
+    from megatron_pref.model import PrecisionConfig
+    from megatron_pref.training import ConfigError, check_fp8_support
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-under-test")
+    precision = PrecisionConfig(bf16=True, fp8_format="hybrid", fp8_recipe=recipe, transformer_impl=impl)
+    if error is None:
+        check_fp8_support(precision)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            check_fp8_support(precision)

@@ -30,8 +30,12 @@ Reported per configuration
                   N = parameters - input embedding (the output projection counted once, tied or
                   not); tokens and lengths are the real ones. MFU is against ``--peak-tflops``
                   (default 989 = H100 SXM bf16 dense; the FP8 row is still against the bf16 peak).
-  peak memory     ``torch.cuda.max_memory_allocated`` from the start of the first step to the
-                  end of the last (weights, grads, optimizer states, activations). CUDA only.
+  peak memory     ``torch.cuda.max_memory_allocated`` over the timed steps (the peak is reset
+                  after the warm-up steps): weights, grads, optimizer states, activations. CUDA only.
+  micro_pairs     pairs per micro-batch. All pairs of a step go into one micro-batch unless
+                  ``--micro-pairs`` says otherwise or that runs out of memory: then the step is
+                  retried with half as many pairs per micro-batch (gradient accumulation), and
+                  ``out_of_memory_at_micro_pairs`` lists the sizes that did not fit.
   logits dtype    the dtype of the logits that reach the log-prob stage (bf16 expected: fp32
                   logits there mean a full [T, V] fp32 tensor is held for the backward).
 
@@ -243,11 +247,26 @@ def _tuned_transformer_config(overrides: dict):
     return ctx()
 
 
-GPU_FUSIONS = dict(bias_activation_fusion=True, apply_rope_fusion=True, gradient_accumulation_fusion=True,
-                   masked_softmax_fusion=True, use_cpu_initialization=False)
+def gpu_fusions() -> dict:
+    """The fusions ``--fusions on`` adds. Gradient-accumulation fusion only with apex's kernel:
+    megatron-core's own output layer (ColumnParallelLinear) refuses the option without it."""
+    import importlib.util
+
+    fusions = dict(bias_activation_fusion=True, apply_rope_fusion=True, masked_softmax_fusion=True,
+                   use_cpu_initialization=False)
+    fusions["gradient_accumulation_fusion"] = importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+    return fusions
 
 
-def megatron_runner(args, shape: dict, precision, layout: str, batches: list, device: str) -> Runner:
+def split_pairs(pairs: list, micro_pairs: Optional[int]) -> list:
+    """The step's pairs in consecutive micro-batches of ``micro_pairs`` (None: one micro-batch)."""
+    if not micro_pairs or micro_pairs >= len(pairs):
+        return [pairs]
+    return [pairs[i:i + micro_pairs] for i in range(0, len(pairs), micro_pairs)]
+
+
+def megatron_runner(args, shape: dict, precision, layout: str, batches: list, device: str,
+                    micro_pairs: Optional[int] = None) -> Runner:
     from megatron_pref import engine, step
     from megatron_pref.model import unwrap_model
     from megatron_pref.arguments import OptimConfig
@@ -261,7 +280,7 @@ def megatron_runner(args, shape: dict, precision, layout: str, batches: list, de
     # step-0 losses must agree (a free check that padding slots change nothing but the cost).
     seed_everything(args.seed)
     tuned = args.fusions == "on" and device == "cuda"
-    with (_tuned_transformer_config(GPU_FUSIONS) if tuned else contextlib.nullcontext()):
+    with (_tuned_transformer_config(gpu_fusions()) if tuned else contextlib.nullcontext()):
         chunks = engine.build_model_chunks(model_cfg, parallel, precision)
     optim = OptimConfig(lr=1e-6, min_lr=0.0, clip_grad=1.0, weight_decay=0.0)
     optimizer = engine.build_optimizer(chunks, optim, precision)
@@ -280,14 +299,19 @@ def megatron_runner(args, shape: dict, precision, layout: str, batches: list, de
     from megatron_pref.data.packing import compute_pad_multiple
 
     multiple = compute_pad_multiple(fp8=bool(precision.fp8_format))  # 16 under FP8, else 1
-    packs = [make_pack(b, layout, multiple, device) for b in batches]
-    refs = [reference_logps(b, model_cfg.vocab_size, device) for b in batches]
+    steps = []  # per step: its micro-batches (one, unless a smaller micro_pairs was needed)
+    for pairs in batches:
+        micros = []
+        for group in split_pairs(pairs, micro_pairs):
+            ref_chosen, ref_rejected = reference_logps(group, model_cfg.vocab_size, device)
+            micros.append(step.MicroBatch(pack=make_pack(group, layout, multiple, device),
+                                          ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected))
+        steps.append(micros)
     gpt = unwrap_model(chunks[0])
     params = sum(p.numel() for p in gpt.parameters())
 
     def run(i: int) -> float:
-        micro = step.MicroBatch(pack=packs[i], ref_chosen_logps=refs[i][0], ref_rejected_logps=refs[i][1])
-        result = engine.train_step(chunks, optimizer, [micro], forward_step, ["loss"], iteration=i)
+        result = engine.train_step(chunks, optimizer, steps[i], forward_step, ["loss"], iteration=i)
         _sync(device)
         return result.metric_sums["loss"] / result.num_pairs
 
@@ -299,7 +323,8 @@ def megatron_runner(args, shape: dict, precision, layout: str, batches: list, de
 
     info = dict(model_params=int(params), padded_vocab=int(gpt.vocab_size),
                 transformer_impl=precision.transformer_impl, fusions="on" if tuned else "project",
-                pad_multiple=multiple, tokens_per_step_computed=[p.pack_length for p in packs], observed=seen)
+                pad_multiple=multiple, observed=seen,
+                tokens_per_step_computed=[sum(m.pack.pack_length for m in micros) for micros in steps])
     return Runner(run, close, info)
 
 
@@ -362,7 +387,7 @@ def selective_log_softmax_fp32(logits, labels):
     return selected - lse
 
 
-def hf_runner(args, shape: dict, dtype, batches: list, device: str) -> Runner:
+def hf_runner(args, shape: dict, dtype, batches: list, device: str, micro_pairs: Optional[int] = None) -> Runner:
     import torch
     import torch.nn.functional as F
 
@@ -372,24 +397,28 @@ def hf_runner(args, shape: dict, dtype, batches: list, device: str) -> Runner:
     if device == "cuda":
         opt_kwargs["fused"] = True
     optimizer = torch.optim.AdamW(model.parameters(), **opt_kwargs)
-    data = [hf_batch(b, device) for b in batches]
-    refs = [reference_logps(b, shape["vocab_size"], device) for b in batches]
+    # Per step, its micro-batches (TRL's gradient accumulation when all pairs do not fit at once).
+    data = [[(hf_batch(g, device), reference_logps(g, shape["vocab_size"], device)) for g in split_pairs(b, micro_pairs)]
+            for b in batches]
     beta = 0.1
     params = sum(p.numel() for p in model.parameters())
 
     def run(i: int) -> float:
-        ids, attention, loss_mask = data[i]
-        num_pairs = ids.shape[0] // 2
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        per_token = selective_log_softmax_fp32(logits[:, :-1, :], ids[:, 1:])
-        seq_logps = (per_token * loss_mask).sum(-1)
-        h = (seq_logps[:num_pairs] - refs[i][0]) - (seq_logps[num_pairs:] - refs[i][1])
-        loss = -F.logsigmoid(beta * h).mean()
-        loss.backward()
+        total_pairs = sum(ids.shape[0] // 2 for (ids, _, _), _ in data[i])
+        value = 0.0
+        for (ids, attention, loss_mask), (ref_chosen, ref_rejected) in data[i]:
+            num_pairs = ids.shape[0] // 2
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            per_token = selective_log_softmax_fp32(logits[:, :-1, :], ids[:, 1:])
+            seq_logps = (per_token * loss_mask).sum(-1)
+            h = (seq_logps[:num_pairs] - ref_chosen) - (seq_logps[num_pairs:] - ref_rejected)
+            loss = -F.logsigmoid(beta * h).sum() / total_pairs  # the mean over the step's pairs
+            loss.backward()
+            value += float(loss.detach())
+            del logits, per_token
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        value = float(loss.detach())
         _sync(device)
         return value
 
@@ -398,7 +427,7 @@ def hf_runner(args, shape: dict, dtype, batches: list, device: str) -> Runner:
         del model, optimizer
 
     info = dict(model_params=int(params), attention="sdpa", optimizer="torch.optim.AdamW on bf16/model-dtype params",
-                tokens_per_step_computed=[int(d[0].numel()) for d in data])
+                tokens_per_step_computed=[sum(int(ids.numel()) for (ids, _, _), _ in step) for step in data])
     return Runner(run, close, info)
 
 
@@ -595,22 +624,43 @@ def run_config(name: str, args, shape: dict, batches, device: str, peak_tflops: 
     total_steps = args.warmup + args.steps + (args.profile_steps if args.profile else 0)
     batches = batches[:total_steps]
     runner = None
-    try:
+
+    def build(micro_pairs: Optional[int]) -> Runner:
         if name == "hf":
             dtype = torch.bfloat16 if gpu else torch.float32
-            row.update(dtype=str(dtype).replace("torch.", ""), layout="padded batch [2P, Lmax]")
-            runner = hf_runner(args, shape, dtype, batches, device)
-        else:
-            fp8 = name == "packed-fp8"
-            precision = PrecisionConfig(bf16=gpu, fp8_format="hybrid" if fp8 else None,
-                                        fp8_recipe=args.fp8_recipe, transformer_impl=impl)
-            row.update(dtype=("fp8-" + args.fp8_recipe) if fp8 else ("bfloat16" if gpu else "float32"),
-                       layout="padded slots in one micro-batch" if name == "padded" else "packed THD" if impl ==
-                       "transformer_engine" else "packed, block-diagonal mask")
-            runner = megatron_runner(args, shape, precision, "padded" if name == "padded" else "packed",
-                                     batches, device)
+            row.update(dtype=str(dtype).replace("torch.", ""), layout="padded batch [2P, Lmax] per micro-batch")
+            return hf_runner(args, shape, dtype, batches, device, micro_pairs=micro_pairs)
+        fp8 = name == "packed-fp8"
+        precision = PrecisionConfig(bf16=gpu, fp8_format="hybrid" if fp8 else None,
+                                    fp8_recipe=args.fp8_recipe, transformer_impl=impl)
+        row.update(dtype=("fp8-" + args.fp8_recipe) if fp8 else ("bfloat16" if gpu else "float32"),
+                   layout="padded slots per micro-batch" if name == "padded" else "packed THD" if impl ==
+                   "transformer_engine" else "packed, block-diagonal mask")
+        return megatron_runner(args, shape, precision, "padded" if name == "padded" else "packed",
+                               batches, device, micro_pairs=micro_pairs)
+
+    try:
+        # Out of memory with every pair of the step in one micro-batch: retry with half as many
+        # pairs per micro-batch (gradient accumulation, as a TRL user would), down to one pair.
+        micro_pairs = args.micro_pairs
+        while True:
+            try:
+                runner = build(micro_pairs)
+                timing = time_runner(runner, args.warmup, args.steps, device)
+                break
+            except torch.cuda.OutOfMemoryError:
+                if runner is not None:
+                    runner.close()
+                runner = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                current = micro_pairs or shape["pairs"]
+                if current <= 1:
+                    raise
+                row.setdefault("out_of_memory_at_micro_pairs", []).append(current)
+                micro_pairs = current // 2
+        row["micro_pairs"] = micro_pairs or shape["pairs"]
         row.update(runner.info)
-        timing = time_runner(runner, args.warmup, args.steps, device)
         row.update(timing)
         if args.profile:
             row["profile"] = profile_runner(runner, args.warmup + args.steps, args.profile_steps, device,
@@ -741,12 +791,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     p.add_argument("--pairs", type=int, default=None, help="pairs per step (default: the preset's)")
+    p.add_argument("--micro-pairs", type=int, default=None,
+                   help="pairs per micro-batch (default: all pairs of a step in one; halved on out-of-memory)")
     p.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--fp8-recipe", choices=("delayed", "tensorwise", "blockwise", "mxfp8"), default="tensorwise")
     p.add_argument("--fusions", choices=("project", "on"), default="project",
-                   help="project: megatron_pref.model's TransformerConfig as it is; on: also bias-SwiGLU, "
-                        "RoPE and gradient-accumulation fusions (GPU + TE)")
+                   help="project: megatron_pref.model's TransformerConfig as it is (TE's fused RoPE on); on: "
+                        "also the bias-SwiGLU and masked-softmax fusions, and gradient-accumulation fusion "
+                        "when apex's kernel is installed (GPU + TE)")
     p.add_argument("--logprob-chunk-tokens", type=int, default=1024)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="bf16 dense peak for MFU (default: 989 on an H100, none elsewhere)")
@@ -771,7 +824,8 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
     for flag, value in (("--pairs", args.pairs), ("--num-layers", args.num_layers),
-                        ("--profile-steps", args.profile_steps), ("--logprob-chunk-tokens", args.logprob_chunk_tokens)):
+                        ("--profile-steps", args.profile_steps), ("--logprob-chunk-tokens", args.logprob_chunk_tokens),
+                        ("--micro-pairs", args.micro_pairs)):
         if value is not None and value < 1:
             raise SystemExit(f"error: {flag} must be >= 1, got {value}")
     if args.device == "cpu":

@@ -140,20 +140,48 @@ def resolve_iteration_dir(ckpt_dir, iteration: Optional[int] = None) -> Path:
     return path
 
 
-def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None, strict: bool = True) -> dict:
+def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None) -> dict:
     """Load the model state of ``ckpt_dir`` (its ``latest`` iteration) into this rank's ``model``.
 
     Collective. Works at any TP/PP: each rank reads its own shards of the global tensors.
     Returns the checkpoint's metadata (``megatron_pref_config.json``).
     """
-    from megatron.core import dist_checkpointing
-
     metadata = read_checkpoint_metadata(ckpt_dir)
     module = _unwrap(model)
-    path = resolve_iteration_dir(ckpt_dir, iteration)
-    state = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
-    module.load_state_dict(state["model"], strict=strict)
+    load_sharded({"model": module.sharded_state_dict()}, resolve_iteration_dir(ckpt_dir, iteration), {"model": module})
     return metadata
+
+
+# Transformer Engine modules carry an ``_extra_state`` (FP8 scaling metadata). A checkpoint
+# written without TE (on CPU, or by the converters, which drop it) has none: TE then starts
+# from fresh metadata, as a new model does. Every other key must be in the checkpoint.
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def load_sharded(request: dict, path, modules: dict, error: type = ConversionError) -> dict:
+    """Load the sharded ``request`` from the dist checkpoint ``path``; ``modules`` maps request
+    keys to the modules their state goes into. Returns the loaded state dict. Collective.
+
+    Keys the checkpoint lacks are dropped from the request before reading (megatron-core's
+    RETURN_UNEXPECTED); only TE ``_extra_state`` objects may be lacking, anything else raises
+    ``error`` naming the keys. What the checkpoint holds beyond the request (an optimizer, in a
+    weights-only load) is not read.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, not_in_checkpoint = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    lacking = sorted(k for k in not_in_checkpoint if not k.endswith(EXTRA_STATE_SUFFIX))
+    if lacking:
+        shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
+        raise error(f"{path} lacks {len(lacking)} tensor(s) this model needs: {shown}")
+    for key, module in modules.items():
+        result = module.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+        if missing or result.unexpected_keys:
+            raise error(f"{path}: the state does not fit the model: missing {missing[:5]}, "
+                        f"unexpected {list(result.unexpected_keys)[:5]}")
+    return loaded
 
 
 def checkpoint_tensor_dtype(ckpt_dir, key: str = "embedding.word_embeddings.weight") -> torch.dtype:

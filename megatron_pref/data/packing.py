@@ -113,11 +113,14 @@ def round_up(x: int, multiple: int) -> int:
 
 
 def compute_pad_multiple(fp8: bool = False, tensor_parallel: int = 1, sequence_parallel: bool = False,
-                         context_parallel: int = 1) -> int:
+                         context_parallel: int = 1, fp8_recipe: str = "delayed") -> int:
     """Pack-length multiple the kernels need: 16 for FP8, times TP with
-    sequence parallelism, times 2*CP with context parallelism."""
+    sequence parallelism, times 2*CP with context parallelism. Blockwise FP8 all-gathers
+    sequence-parallel activations in 128-token blocks: 128 tokens per TP rank then."""
     m = 16 if fp8 else 1
     if sequence_parallel and tensor_parallel > 1:
+        if fp8 and fp8_recipe == "blockwise":
+            m = 128
         m *= tensor_parallel
     if context_parallel > 1:
         m *= 2 * context_parallel
