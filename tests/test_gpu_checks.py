@@ -84,32 +84,46 @@ def test_gpu_checks_script_refuses_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "TOTAL_SECONDS" in proc.stderr and proc.stderr.count("\n") == 1
 
 
+# The benchmark loaded as a module in a fresh process; the driver's body patches it, then runs
+# ``bench.main`` on the tiny preset with its own flags. argv: BENCHMARK OUT MODE.
+DRIVER_PREAMBLE = textwrap.dedent('''
+    import importlib.util, json, sys
+    import torch
+    spec = importlib.util.spec_from_file_location("benchmark_pref", sys.argv[1])
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_pref"] = bench
+    spec.loader.exec_module(bench)
+    mode, out = sys.argv[3], sys.argv[2]
+    TINY = ["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--skip-logprob-stage",
+            "--out", out]
+''')
+
+
+def run_driver(body: str, out, mode: str, cwd):
+    """(exit code, stdout + stderr, the JSON the run wrote)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", DRIVER_PREAMBLE + textwrap.dedent(body), BENCHMARK, str(out), mode],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=str(cwd))
+    return proc.returncode, proc.stdout[-2000:] + proc.stderr[-2000:], json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_benchmark_keeps_finished_configurations_when_cut_short(tmp_path):
     """The JSON is rewritten after every configuration: an interrupted run keeps what it measured,
     marked incomplete. Control: the same run uninterrupted ends complete with both rows."""
-    driver = textwrap.dedent('''
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("benchmark_pref", sys.argv[1])
-        bench = importlib.util.module_from_spec(spec)
-        sys.modules["benchmark_pref"] = bench
-        spec.loader.exec_module(bench)
+    body = '''
         run_config = bench.run_config
         def interrupted(name, *args, **kwargs):
-            if name == "hf" and sys.argv[3] == "interrupt":
+            if name == "hf" and mode == "interrupt":
                 raise KeyboardInterrupt  # as a time limit's signal would stop it
             return run_config(name, *args, **kwargs)
         bench.run_config = interrupted
-        sys.exit(bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                             "--configs", "packed,hf", "--skip-logprob-stage", "--out", sys.argv[2]]))
-    ''')
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+        sys.exit(bench.main(TINY + ["--configs", "packed,hf"]))
+    '''
     results = {}
     for mode in ("interrupt", "complete"):
-        out = tmp_path / f"{mode}.json"
-        proc = subprocess.run([sys.executable, "-c", driver, BENCHMARK, str(out), mode], capture_output=True,
-                              text=True, env=env, timeout=180, cwd=str(tmp_path))
-        results[mode] = (proc.returncode, json.loads(out.read_text()))
+        code, _, result = run_driver(body, tmp_path / f"{mode}.json", mode, tmp_path)
+        results[mode] = (code, result)
     code, cut = results["interrupt"]
     assert code != 0
     assert cut["complete"] is False and [r["name"] for r in cut["configs"]] == ["packed"]
@@ -143,14 +157,8 @@ def test_profile_categories(name, category):
 def test_benchmark_retries_out_of_memory_with_smaller_micro_batches(tmp_path):
     """A configuration that runs out of memory with all pairs in one micro-batch is retried with
     half as many pairs per micro-batch; the step's loss (mean over its pairs) does not change."""
-    driver = textwrap.dedent('''
-        import importlib.util, json, sys
-        import torch
-        spec = importlib.util.spec_from_file_location("benchmark_pref", sys.argv[1])
-        bench = importlib.util.module_from_spec(spec)
-        sys.modules["benchmark_pref"] = bench
-        spec.loader.exec_module(bench)
-        if sys.argv[3] == "oom":
+    body = '''
+        if mode == "oom":
             for name in ("megatron_runner", "hf_runner"):
                 build = getattr(bench, name)
                 def too_big(*args, _build=build, micro_pairs=None, **kwargs):
@@ -158,17 +166,13 @@ def test_benchmark_retries_out_of_memory_with_smaller_micro_batches(tmp_path):
                         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
                     return _build(*args, micro_pairs=micro_pairs, **kwargs)
                 setattr(bench, name, too_big)
-        sys.exit(bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0",
-                             "--configs", "packed,padded,hf", "--skip-logprob-stage", "--out", sys.argv[2]]))
-    ''')
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+        sys.exit(bench.main(TINY + ["--configs", "packed,padded,hf"]))
+    '''
     rows = {}
     for mode in ("fits", "oom"):
-        out = tmp_path / f"{mode}.json"
-        proc = subprocess.run([sys.executable, "-c", driver, BENCHMARK, str(out), mode], capture_output=True,
-                              text=True, env=env, timeout=300, cwd=str(tmp_path))
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        rows[mode] = {r["name"]: r for r in json.loads(out.read_text())["configs"]}
+        code, output, result = run_driver(body, tmp_path / f"{mode}.json", mode, tmp_path)
+        assert code == 0, output
+        rows[mode] = {r["name"]: r for r in result["configs"]}
     for name in ("packed", "padded", "hf"):
         fits, retried = rows["fits"][name], rows["oom"][name]
         assert fits["micro_pairs"] == 4 and "out_of_memory_at_micro_pairs" not in fits
