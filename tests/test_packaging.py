@@ -60,12 +60,58 @@ BLOCKER_SOURCE = textwrap.dedent(r'''
 ''')
 
 
+# After the blocker, a sitecustomize on PYTHONPATH runs the one it shadows (if any).
+CHAIN_SITECUSTOMIZE = textwrap.dedent(r'''
+    import importlib.machinery as _machinery, importlib.util as _util
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    _spec = _machinery.PathFinder.find_spec(
+        "sitecustomize", [p for p in _sys.path if _os.path.abspath(p or ".") != _here])
+    if _spec is not None:
+        _spec.loader.exec_module(_util.module_from_spec(_spec))
+''')
+
+
+def hide_gpu_stack_in_subprocesses(directory: str) -> None:
+    """Hide TE and apex in every Python process started from now on (CLI tests, torchrun ranks,
+    tools): a ``sitecustomize.py`` in ``directory``, put first on PYTHONPATH, runs the blocker."""
+    with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+        f.write(BLOCKER_SOURCE + CHAIN_SITECUSTOMIZE)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (directory, os.environ.get("PYTHONPATH")) if p)
+
+
 def run_pytest_without_gpu_stack(args) -> int:
-    """Run pytest in this process with TE and apex hidden (the CI's CPU tests in the NGC image)."""
+    """Run pytest with TE and apex hidden, in this process and in the processes the tests start
+    (the CI's CPU tests in the NGC image, whose TE cannot load without a GPU)."""
+    import tempfile
+
+    hide_gpu_stack_in_subprocesses(tempfile.mkdtemp(prefix="hide-gpu-stack-"))
     exec(compile(BLOCKER_SOURCE, "<hide-gpu-stack>", "exec"), {"__name__": "hide_gpu_stack"})
     import pytest as _pytest
 
     return _pytest.main(list(args))
+
+
+def test_gpu_stack_hidden_in_subprocesses_too(tmp_path):
+    """A process started after hide_gpu_stack_in_subprocesses sees TE and apex hidden; one
+    started without it (control) does not get the blocker's message."""
+    probe = "import transformer_engine"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    plain = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert "hidden: CPU path" not in plain.stderr
+    driver = textwrap.dedent(f'''
+        import subprocess, sys
+        sys.path.insert(0, {ROOT!r})
+        from tests.test_packaging import hide_gpu_stack_in_subprocesses
+        hide_gpu_stack_in_subprocesses({str(tmp_path)!r})
+        child = subprocess.run([sys.executable, "-c", {probe!r}], capture_output=True, text=True)
+        sys.stdout.write(child.stderr)
+        clean = subprocess.run([sys.executable, "-c", "print('fine')"], capture_output=True, text=True)
+        sys.stdout.write("[clean] " + clean.stdout + clean.stderr)
+    ''')
+    hidden = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env)
+    assert "hidden: CPU path" in hidden.stdout, hidden.stdout + hidden.stderr
+    # A process that imports neither starts cleanly (no "Error in sitecustomize").
+    assert hidden.stdout.split("[clean] ", 1)[1] == "fine\n", hidden.stdout
 
 
 # ----------------------------------------------------------------------------------------------
