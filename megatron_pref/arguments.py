@@ -78,6 +78,7 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     exit_interval: Optional[int] = None
     no_load_optim: bool = False
+    optim_fully_reshardable: bool = False  # --dist-ckpt-optim-fully-reshardable
     no_load_rng: bool = False
 
 
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--exit-interval", type=int, default=None, help="stop after a step divisible by this")
     g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state so it loads at any TP/PP/DP layout "
+                        "(gathered per parameter); default: loads at another DP size only")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None)
@@ -347,7 +351,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             use_distributed_optimizer=args.use_distributed_optimizer,
             overlap_grad_reduce=args.overlap_grad_reduce),
         checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
-                                    exit_interval=args.exit_interval, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng),
+                                    exit_interval=args.exit_interval, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
+                                    optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable),
         log=EvalLogConfig(log_interval=args.log_interval,
                           eval_interval=args.eval_interval,
                           eval_iters=args.eval_iters, tensorboard_dir=args.tensorboard_dir,

@@ -17,6 +17,7 @@ loads at another. RNG states are per rank and are restored only when the layout 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -118,9 +119,131 @@ def latest_iteration_dir(load_dir) -> Optional[Path]:
     return path
 
 
+def is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_format(distributed: bool, fully_reshardable: bool = False) -> dict:
+    """How the optimizer state is laid out in a checkpoint (stored in its train state).
+
+    The distributed optimizer's state is 'dp_reshardable' (Megatron-LM's default: one tensor per
+    contiguous buffer; loads at another DP size only) or, with
+    ``--dist-ckpt-optim-fully-reshardable``, 'fully_reshardable' (gathered per parameter; loads
+    at any layout). megatron-core 0.16.1's own default, 'fully_sharded_model_space', no longer
+    saves. The plain optimizer's state is per parameter and loads at any layout.
+    """
+    if not distributed:
+        return {"distributed": False, "sharding": None}
+    return {"distributed": True, "sharding": "fully_reshardable" if fully_reshardable else "dp_reshardable"}
+
+
+def _optimizer_metadata(fmt: dict) -> Optional[dict]:
+    return {"distrib_optim_sharding_type": fmt["sharding"]} if fmt["distributed"] else None
+
+
+def _saved_optimizer_step(saved_optimizer, load_dir) -> float:
+    """The optimizer step count stored in the checkpoint's param groups (0 if none)."""
+    steps = set()
+
+    def visit(node) -> None:
+        if isinstance(node, dict):
+            groups = node.get("param_groups")
+            for group in groups if isinstance(groups, list) else []:
+                if isinstance(group, dict) and group.get("step") is not None:
+                    steps.add(float(group["step"]))
+            for value in node.values():
+                visit(value)
+
+    visit(saved_optimizer)
+    if len(steps) > 1:
+        raise CheckpointError(f"--load {load_dir}: its optimizer param groups disagree on the step count: {sorted(steps)}")
+    return steps.pop() if steps else 0.0
+
+
+def _unstepped_distributed_torch_adams(optimizer) -> list:
+    """torch Adam(W)s inside distributed optimizers, before their first step (TE's and apex's
+    fused Adam, megatron-core's choice on GPUs, are not among them)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [w.optimizer for w in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(w, DistributedOptimizer) and type(w.optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+            and not w.optimizer.state]
+
+
+def _allocate_adam_state(adams: list) -> None:
+    """Zero Adam state: megatron-core 0.16.1 reads the step from it when it builds the loading
+    request for a distributed optimizer over torch's Adam; the load overwrites the moments."""
+    for adam in adams:
+        for group in adam.param_groups:
+            for param in group["params"]:
+                adam.state[param] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(param),
+                                     "exp_avg_sq": torch.zeros_like(param)}
+
+
+@contextlib.contextmanager
+def _step_kept_out_of_state_copies(optimizer, adams: list):
+    """megatron-core 0.16.1 copies every state entry of a parameter from the checkpoint's
+    per-parameter tensors; torch's Adam keeps a 'step' entry that the fully-reshardable format
+    does not carry (KeyError). Hide it from that copy; ``_set_adam_step`` sets it afterwards."""
+    patched = []
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(wrapper, "optimizer", None) not in adams:
+            continue
+        original = wrapper._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _wrapper=wrapper, _original=original):
+            if "step" in tensors:
+                return _original(model_param, tensors)
+            group_index, group_order = _wrapper.model_param_group_index_map[model_param]
+            state = _wrapper.optimizer.state[_wrapper.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None)
+            try:
+                return _original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        wrapper._set_main_param_and_optimizer_states = set_states
+        patched.append(wrapper)
+    try:
+        yield
+    finally:
+        for wrapper in patched:
+            del wrapper._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _set_adam_step(adams: list, step: float) -> None:
+    for adam in adams:
+        for group in adam.param_groups:
+            # Where torch keeps the step: on the device for the fused kernel, on the host otherwise.
+            on_device = group.get("fused") or group.get("capturable")
+            for param in group["params"]:
+                adam.state[param]["step"] = torch.tensor(step, dtype=torch.float32,
+                                                         device=param.device if on_device else "cpu")
+
+
+def check_optimizer_resume(train_state: dict, distributed: bool, layout: dict) -> Optional[str]:
+    """Why the optimizer state saved with ``train_state`` cannot be resumed with this optimizer
+    at this layout (None: it can)."""
+    saved = train_state.get("optimizer_format") or optimizer_format(False)
+    saved_layout = train_state.get("layout")
+    if saved["distributed"] != distributed:
+        return (f"its optimizer state was saved {'with' if saved['distributed'] else 'without'} "
+                f"--use-distributed-optimizer; run {'with' if saved['distributed'] else 'without'} it, "
+                "or pass --no-load-optim to start the optimizer afresh")
+    changed = {k: (saved_layout or {}).get(k) for k in ("tp", "pp", "vpp") if (saved_layout or {}).get(k) != layout[k]}
+    if saved["sharding"] == "dp_reshardable" and changed:
+        was = ", ".join(f"{k}={v}" for k, v in changed.items())
+        return (f"its distributed-optimizer state loads only at the layout it was saved at ({was}); "
+                "load it at that layout, pass --no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")
+    return None
+
+
 def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: TrainState,
                     model_cfg: ModelConfig, tokenizer_dir: Optional[str] = None,
-                    run_metadata: Optional[dict] = None) -> Path:
+                    run_metadata: Optional[dict] = None, optim_fully_reshardable: bool = False) -> Path:
     """Save everything needed to resume. Collective over all ranks."""
     from megatron.core import dist_checkpointing
 
@@ -135,12 +258,13 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
     _barrier()
 
     sharded = model_sharded_state_dict(model_chunks)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+    fmt = optimizer_format(is_distributed_optimizer(optimizer), optim_fully_reshardable)
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_optimizer_metadata(fmt))
     sharded["rng"] = _rng_sharded_object()
     sharded["train_state"] = {
         "iteration": state.iteration, "consumed_pairs": state.consumed_pairs, "epoch": state.epoch,
         "reference_source": state.reference_source,
-        "scheduler": scheduler.state_dict(), "layout": _layout(),
+        "scheduler": scheduler.state_dict(), "layout": _layout(), "optimizer_format": fmt,
     }
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
@@ -173,6 +297,19 @@ def read_model_config(load_dir) -> ModelConfig:
         raise CheckpointError(f"--load {load_dir}: {exc}") from None
 
 
+def read_train_state(load_dir) -> Optional[dict]:
+    """The train state of the checkpoint ``latest`` names (None for a weights-only checkpoint).
+    Reads only its small common part: cheap enough for flag validation."""
+    return _common_state_at(validate_checkpoint_dir(load_dir)).get("train_state")
+
+
+def _common_state_at(path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return common if isinstance(common, dict) else {}
+
+
 def validate_checkpoint_dir(load_dir) -> Path:
     """Cheap checks before any model is built: one clear line on a bad --load."""
     path = latest_iteration_dir(load_dir)
@@ -190,17 +327,20 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
     scheduler, RNG and position in the data. Returns the TrainState, or None for a
     weights-only checkpoint (e.g. one converted from Hugging Face): training starts at 0.
     """
-    from megatron.core import dist_checkpointing
-
     path = validate_checkpoint_dir(load_dir)
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    train_state = common.get("train_state") if isinstance(common, dict) else None
+    train_state = _common_state_at(path).get("train_state")
 
     # Sharded tensors are matched by their global keys, so the chunk grouping may differ.
     request = model_sharded_state_dict(model_chunks)
     resume = train_state is not None
     if resume and load_optimizer and optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True)
+        problem = check_optimizer_resume(train_state, is_distributed_optimizer(optimizer), _layout())
+        if problem:
+            raise CheckpointError(f"--load {load_dir}: {problem}")
+        saved = train_state.get("optimizer_format") or optimizer_format(False)
+        torch_adams = _unstepped_distributed_torch_adams(optimizer)
+        _allocate_adam_state(torch_adams)
+        request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True, metadata=_optimizer_metadata(saved))
     same_layout = resume and train_state.get("layout") == _layout()
     if resume and load_rng and same_layout:
         request["rng"] = _rng_sharded_object()
@@ -208,7 +348,12 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
     if not resume:
         return None
     if "optimizer" in request:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: the distributed optimizer copies into views of fp32 parameters.
+        with torch.no_grad(), _step_kept_out_of_state_copies(optimizer, torch_adams):
+            optimizer.load_state_dict(loaded["optimizer"])
+        # megatron-core 0.16.1 takes these optimizers' per-parameter steps from the request (the
+        # zeros allocated above); the checkpoint's step count is in its param groups.
+        _set_adam_step(torch_adams, _saved_optimizer_step(loaded["optimizer"], load_dir))
     if scheduler is not None:
         scheduler.load_state_dict(train_state["scheduler"])
     if "rng" in request:

@@ -14,7 +14,10 @@ The redirected touch points:
   4. tensors created with ``device="cuda"`` (pipeline schedules, optimizer, clip_grads) ->
      a ``TorchFunctionMode`` that maps that device to CPU;
   5. the default causal mask built on CUDA: callers pass an explicit mask (see ``model.py``).
-Plus gradient clipping, whose megatron-core version asserts ``torch.cuda.FloatTensor`` grads.
+Plus gradient clipping, whose megatron-core version asserts ``torch.cuda.FloatTensor`` grads,
+and the distributed optimizer, which sorts parameters by their ``Tensor.type()`` names
+(``torch.cuda.FloatTensor`` ...): while it builds its parameter groups, CPU tensors report
+the CUDA names.
 
 ``enable()`` refuses to run when CUDA is available: on a GPU machine nothing here is active.
 """
@@ -92,6 +95,31 @@ def _tagged_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, ten
     return dist.batch_isend_irecv(ops) if ops else []
 
 
+def _with_cuda_type_names(build):
+    """``build`` run while ``Tensor.type()`` (no argument) names CPU tensors as CUDA ones."""
+    real_type = torch.Tensor.type
+
+    def cuda_named_type(tensor, dtype=None, non_blocking=False, **kwargs):
+        if dtype is not None or kwargs:
+            return real_type(tensor, dtype, non_blocking, **kwargs)
+        name = real_type(tensor)
+        # Idempotent: with the CUDA->CPU TorchFunctionMode active, real_type re-enters this
+        # function (the mode calls the patched attribute), so the name may be renamed already.
+        if tensor.device.type == "cpu" and not name.startswith("torch.cuda."):
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs):
+        torch.Tensor.type = cuda_named_type
+        try:
+            return build(*args, **kwargs)
+        finally:
+            torch.Tensor.type = real_type
+
+    return wrapped
+
+
 def enable() -> None:
     """Redirect megatron-core's CUDA touch points to the CPU. Idempotent; no-op with CUDA."""
     global _ENABLED
@@ -102,6 +130,7 @@ def enable() -> None:
 
     # megatron-core imports these lazily; import them now so the patches land on the modules.
     from megatron.core.optimizer import clip_grads as mcore_clip_grads
+    from megatron.core.optimizer import distrib_optimizer as mcore_distrib_optimizer
     from megatron.core.pipeline_parallel import p2p_communication as mcore_p2p
     from megatron.core.optimizer import optimizer as mcore_optimizer
     from megatron.core.tensor_parallel import random as mcore_random
@@ -139,6 +168,10 @@ def enable() -> None:
     # Clipping without the CUDA assertion.
     mcore_clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    # The distributed optimizer's parameter sorting by CUDA type names.
+    dist_opt = mcore_distrib_optimizer.DistributedOptimizer
+    dist_opt._build_model_and_main_param_groups = staticmethod(
+        _with_cuda_type_names(dist_opt._build_model_and_main_param_groups))
 
     _ENABLED = True
 

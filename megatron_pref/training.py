@@ -18,9 +18,9 @@ import torch.distributed as dist
 
 from megatron_pref import parallel
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
-from megatron_pref.checkpointing import (TrainState, load_checkpoint, load_weights_only,
-                                         read_model_config, save_checkpoint, checkpoint_fingerprint,
-                                         validate_checkpoint_dir)
+from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, checkpoint_fingerprint,
+                                         load_checkpoint, load_weights_only, read_model_config, read_train_state,
+                                         save_checkpoint, validate_checkpoint_dir)
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, forward_only_pass,
                                   global_pair_counts, metric_sums_over_data_parallel, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
@@ -273,12 +273,16 @@ def train(run: RunConfig) -> dict:
     if run.checkpoint.load:
         validate_checkpoint_dir(run.checkpoint.load)
         checkpoint_model = read_model_config(run.checkpoint.load)
+        saved_state = read_train_state(run.checkpoint.load)
+        if saved_state is not None and not run.checkpoint.no_load_optim:
+            layout = {"tp": run.parallel.tensor_model_parallel_size, "pp": run.parallel.pipeline_model_parallel_size,
+                      "vpp": run.parallel.virtual_pipeline_model_parallel_size or 1}
+            problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout)
+            if problem:
+                raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
     if run.reference.ref_load:
         validate_checkpoint_dir(run.reference.ref_load)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if run.optim.use_distributed_optimizer and not torch.cuda.is_available():
-        # megatron-core's distributed optimizer type-checks for torch.cuda tensors.
-        raise ConfigError("--use-distributed-optimizer needs GPUs; on CPU drop the flag")
     if run.precision.fp8_format and not torch.cuda.is_available():
         raise ConfigError("--fp8-format needs GPUs with Transformer Engine")
     if run.precision.transformer_impl == "auto":
@@ -455,5 +459,6 @@ def _global_sum(value: int) -> int:
 
 def _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data) -> None:
     path = save_checkpoint(run.checkpoint.save, model_chunks, optimizer, scheduler, state, model_cfg,
-                           tokenizer_dir=data.tokenizer_dir, run_metadata={"loss": run.loss})
+                           tokenizer_dir=data.tokenizer_dir, run_metadata={"loss": run.loss},
+                           optim_fully_reshardable=run.checkpoint.optim_fully_reshardable)
     logger.info("saved checkpoint %s", path)

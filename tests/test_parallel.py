@@ -278,3 +278,49 @@ def test_fused_torch_adam_fallback_matches_the_foreach_step(distributed):
     # Control: the optimizer did move the weights (a no-op step would also "match").
     initial = distributed(_steps_with_torch_adam, 1, ParallelConfig(), False, 0)[0][3]
     assert any(not torch.allclose(initial[n], plain[3][n]) for n in initial)
+
+
+def _adam_step(parallel, use_distributed_optimizer: bool, overlap_grad_reduce: bool):
+    """Loss, grad norm and full updated weights after one optimizer step on the global batch.
+    Adam's epsilon is large, so the update is smooth in the gradient (near lr * g): reduction-
+    order noise cannot flip the sign of a near-zero update."""
+    from megatron.core import parallel_state as ps
+
+    chunks = build_model_chunks(MODEL, parallel, PrecisionConfig(), use_distributed_optimizer=use_distributed_optimizer,
+                                overlap_grad_reduce=overlap_grad_reduce)
+    layout_invariant_init(chunks[0], MODEL, SEED)
+    initial = {n: p.detach().clone() for n, p in unwrap_model(chunks[0]).named_parameters()}
+    optim = OptimConfig(lr=1e-2, clip_grad=1e9, adam_eps=1.0, use_distributed_optimizer=use_distributed_optimizer)
+    optimizer = build_optimizer(chunks, optim, PrecisionConfig())
+    packs = split_into_packs(PAIRS, PACK_SIZES)[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+    micro = micro_batches(packs, with_reference=True)
+    pairs, rejected_tokens = global_pair_counts(micro)
+    for m in micro:
+        m.pairs_per_rejected_token = pairs / rejected_tokens
+    forward_step = preference_forward_step("dpo", LossConfig(beta=0.5), VOCAB, use_thd=False)
+    outputs = run_schedule(chunks, micro, forward_step, forward_only=False, optimizer=optimizer)
+    loss_sum = torch.tensor(sum(float(o["loss"]) for o in outputs), dtype=torch.float64)
+    torch.distributed.all_reduce(loss_sum, group=ps.get_data_parallel_group())
+    _, grad_norm, _ = optimizer.step()
+    gpt = unwrap_model(chunks[0])
+    weights = {n: p.detach().clone() for n, p in gpt.named_parameters()}
+    moved = max(float((weights[n] - initial[n]).abs().max()) for n in weights)
+    # As numpy arrays: pickled by value (many shared-memory tensors overrun the result queue).
+    return {"loss": float(loss_sum) / pairs, "grad_norm": grad_norm, "moved": moved,
+            "weights": {n: w.numpy() for n, w in weights.items()}}
+
+
+@pytest.mark.parametrize("overlap_grad_reduce", [False, True], ids=["", "overlap"])
+def test_distributed_optimizer_matches_single_rank(distributed, overlap_grad_reduce):
+    """The distributed optimizer (Adam states sharded over DP=2, reduce-scatter of gradients,
+    all-gather of parameters) updates every weight as a single rank with a plain optimizer."""
+    (want,) = distributed(_adam_step, 1, ParallelConfig(), ParallelConfig(), False, False)
+    got = distributed(_adam_step, 2, ParallelConfig(), ParallelConfig(), True, overlap_grad_reduce)
+    for rank in got:
+        assert rank["loss"] == pytest.approx(want["loss"], abs=1e-6)
+        assert rank["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        for name, value in want["weights"].items():
+            torch.testing.assert_close(torch.from_numpy(rank["weights"][name]), torch.from_numpy(value),
+                                       atol=1e-6, rtol=1e-5, msg=name)
+    # Control: the step moved the weights by far more than the tolerance.
+    assert want["moved"] > 1e-4

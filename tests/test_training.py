@@ -99,9 +99,13 @@ def test_step_zero_identity_breaks_with_another_reference(distributed, tmp_path,
     assert abs(result["eval_before"]["eval/loss"] - math.log(2)) > 1e-4
 
 
-def test_resume_equals_uninterrupted(distributed, tmp_path, tiny):
-    """2 steps + save + load + 2 steps == 4 steps, bit for bit."""
-    common = tiny + ["--loss", "spo", "--ref-cache-dir", str(tmp_path / "cache"), "--eval-interval", "100"]
+@pytest.mark.parametrize("optimizer_flags", [[], ["--use-distributed-optimizer"], ["--use-distributed-optimizer", "--overlap-grad-reduce"]],
+                         ids=["ddp", "distributed-optimizer", "distributed-optimizer-overlap"])
+def test_resume_equals_uninterrupted(distributed, tmp_path, tiny, optimizer_flags):
+    """2 steps + save + load + 2 steps == 4 steps, bit for bit (with the distributed optimizer:
+    its sharded Adam states go through the checkpoint too)."""
+    common = tiny + ["--loss", "spo", "--ref-cache-dir", str(tmp_path / "cache"), "--eval-interval", "100"] \
+        + optimizer_flags
     whole = run_training(distributed, 2, common + ["--train-iters", "4"])
     run_training(distributed, 2, common + ["--train-iters", "4", "--save", str(tmp_path / "ckpt"),
                                            "--save-interval", "2", "--exit-interval", "2"])
@@ -120,6 +124,34 @@ def test_overlap_grad_reduce_trains_like_the_default(distributed, tmp_path, tiny
     overlapped = run_training(distributed, 2, common + ["--overlap-grad-reduce"])
     assert [r["weights_sha256"] for r in overlapped] == [r["weights_sha256"] for r in plain]
     assert overlapped[0]["train"]["loss"] == pytest.approx(plain[0]["train"]["loss"], abs=1e-7)
+
+
+def test_distributed_optimizer_checkpoint_layouts(distributed, tmp_path, tiny):
+    """A distributed-optimizer checkpoint (DP=2) resumes at another DP size; at another TP it
+    needs --dist-ckpt-optim-fully-reshardable (else one clear error, before any model is built);
+    a plain optimizer cannot take its state (error) unless --no-load-optim."""
+    common = tiny + ["--loss", "dpo", "--ref-cache-dir", str(tmp_path / "cache"), "--eval-interval", "100",
+                     "--train-iters", "3"]
+    dist_opt = ["--use-distributed-optimizer"]
+
+    def save(name, extra):
+        run_training(distributed, 2, common + dist_opt + extra + ["--save", str(tmp_path / name), "--save-interval", "2",
+                                                                  "--exit-interval", "2"])
+        return str(tmp_path / name)
+
+    dp_only = save("dp", [])
+    resumed = run_training(distributed, 1, common + dist_opt + ["--load", dp_only])[0]  # DP 2 -> 1
+    assert math.isfinite(resumed["train"]["loss"])
+    with pytest.raises(RuntimeError, match=r"loads only at the layout it was saved at \(tp=1\)"):
+        run_training(distributed, 2, common + dist_opt + ["--load", dp_only, "--tensor-model-parallel-size", "2"])
+    with pytest.raises(RuntimeError, match="saved with --use-distributed-optimizer; run with it"):
+        run_training(distributed, 2, common + ["--load", dp_only])
+    plain = run_training(distributed, 2, common + ["--load", dp_only, "--no-load-optim"])[0]
+    assert math.isfinite(plain["train"]["loss"])
+
+    anywhere = save("full", ["--dist-ckpt-optim-fully-reshardable"])
+    tp2 = run_training(distributed, 2, common + dist_opt + ["--load", anywhere, "--tensor-model-parallel-size", "2"])[0]
+    assert math.isfinite(tp2["train"]["loss"])
 
 
 def test_checkpoint_reshards_between_layouts(distributed, tmp_path, tiny):
@@ -322,7 +354,6 @@ def torchrun_cli(nproc, args, timeout=300):
      "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
     (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
     (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
-    (["--use-distributed-optimizer"], "--use-distributed-optimizer needs GPUs"),
     (["--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
     (["--load", "/no/such/dir"], "--load /no/such/dir: no such directory"),
     (["--ref-load", "/tmp", "--loss", "slime"], "reference-free"),
