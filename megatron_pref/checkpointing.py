@@ -125,7 +125,7 @@ def is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def optimizer_format(distributed: bool, fully_reshardable: bool = False) -> dict:
+def optimizer_format(distributed: bool, fully_reshardable: bool = False, bucket_size: Optional[int] = None) -> dict:
     """How the optimizer state is laid out in a checkpoint (stored in its train state).
 
     The distributed optimizer's state is 'dp_reshardable' (Megatron-LM's default: one tensor per
@@ -133,10 +133,14 @@ def optimizer_format(distributed: bool, fully_reshardable: bool = False) -> dict
     ``--dist-ckpt-optim-fully-reshardable``, 'fully_reshardable' (gathered per parameter; loads
     at any layout). megatron-core 0.16.1's own default, 'fully_sharded_model_space', no longer
     saves. The plain optimizer's state is per parameter and loads at any layout.
+    'dp_reshardable' stores one tensor per gradient bucket, so it also needs the same bucket
+    size (``engine.ddp_bucket_size``: set by --overlap-grad-reduce and, above DP 40, the DP size).
     """
     if not distributed:
         return {"distributed": False, "sharding": None}
-    return {"distributed": True, "sharding": "fully_reshardable" if fully_reshardable else "dp_reshardable"}
+    if fully_reshardable:
+        return {"distributed": True, "sharding": "fully_reshardable"}
+    return {"distributed": True, "sharding": "dp_reshardable", "bucket_size": bucket_size}
 
 
 def _optimizer_metadata(fmt: dict) -> Optional[dict]:
@@ -151,7 +155,8 @@ def _saved_optimizer_step(saved_optimizer, load_dir) -> float:
         if isinstance(node, dict):
             groups = node.get("param_groups")
             for group in groups if isinstance(groups, list) else []:
-                if isinstance(group, dict) and group.get("step") is not None:
+                # Groups without parameters never step (TE's Adam leaves them behind).
+                if isinstance(group, dict) and group.get("step") is not None and group.get("params", [0]):
                     steps.add(float(group["step"]))
             for value in node.values():
                 visit(value)
@@ -224,9 +229,10 @@ def _set_adam_step(adams: list, step: float) -> None:
                                                          device=param.device if on_device else "cpu")
 
 
-def check_optimizer_resume(train_state: dict, distributed: bool, layout: dict) -> Optional[str]:
+def check_optimizer_resume(train_state: dict, distributed: bool, layout: dict,
+                           bucket_size: Optional[int] = None) -> Optional[str]:
     """Why the optimizer state saved with ``train_state`` cannot be resumed with this optimizer
-    at this layout (None: it can)."""
+    at this layout and gradient bucket size (None: it can)."""
     saved = train_state.get("optimizer_format") or optimizer_format(False)
     saved_layout = train_state.get("layout")
     if saved["distributed"] != distributed:
@@ -238,7 +244,17 @@ def check_optimizer_resume(train_state: dict, distributed: bool, layout: dict) -
         was = ", ".join(f"{k}={v}" for k, v in changed.items())
         return (f"its distributed-optimizer state loads only at the layout it was saved at ({was}); "
                 "load it at that layout, pass --no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")
+    if saved["sharding"] == "dp_reshardable" and saved.get("bucket_size") != bucket_size:
+        return (f"its distributed-optimizer state was saved with gradient buckets of {saved.get('bucket_size') or 'all'} "
+                f"parameters and this run uses {bucket_size or 'all'} (--overlap-grad-reduce sets them, and "
+                "above 40 data-parallel ranks so does their number); resume with the same settings, pass "
+                "--no-load-optim, or save with --dist-ckpt-optim-fully-reshardable")
     return None
+
+
+def _bucket_size(model_chunks: list) -> Optional[int]:
+    config = getattr(model_chunks[0], "ddp_config", None)
+    return config.bucket_size if config is not None else None
 
 
 def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: TrainState,
@@ -258,7 +274,7 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
     _barrier()
 
     sharded = model_sharded_state_dict(model_chunks)
-    fmt = optimizer_format(is_distributed_optimizer(optimizer), optim_fully_reshardable)
+    fmt = optimizer_format(is_distributed_optimizer(optimizer), optim_fully_reshardable, _bucket_size(model_chunks))
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_optimizer_metadata(fmt))
     sharded["rng"] = _rng_sharded_object()
     sharded["train_state"] = {
@@ -334,26 +350,35 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
     request = model_sharded_state_dict(model_chunks)
     resume = train_state is not None
     if resume and load_optimizer and optimizer is not None:
-        problem = check_optimizer_resume(train_state, is_distributed_optimizer(optimizer), _layout())
+        problem = check_optimizer_resume(train_state, is_distributed_optimizer(optimizer), _layout(),
+                                         _bucket_size(model_chunks))
         if problem:
             raise CheckpointError(f"--load {load_dir}: {problem}")
         saved = train_state.get("optimizer_format") or optimizer_format(False)
         torch_adams = _unstepped_distributed_torch_adams(optimizer)
         _allocate_adam_state(torch_adams)
         request["optimizer"] = optimizer.sharded_state_dict(request, is_loading=True, metadata=_optimizer_metadata(saved))
-    same_layout = resume and train_state.get("layout") == _layout()
+    saved_layout = (train_state or {}).get("layout") or {}
+    # Checkpoints from before the device type was recorded: compare what they have.
+    same_layout = resume and all(saved_layout.get(k, v) == v if k == "device" else saved_layout.get(k) == v
+                                 for k, v in _layout().items())
     if resume and load_rng and same_layout:
         request["rng"] = _rng_sharded_object()
     loaded = _load_sharded(request, path, model_chunks)
+    if optimizer is not None and "optimizer" not in request:
+        # The optimizer copied the weights when it was built (bf16: into its fp32 main params)
+        # and copies them back at every step: refresh that copy from the loaded weights.
+        optimizer.reload_model_params()
     if not resume:
         return None
     if "optimizer" in request:
         # no_grad: the distributed optimizer copies into views of fp32 parameters.
         with torch.no_grad(), _step_kept_out_of_state_copies(optimizer, torch_adams):
             optimizer.load_state_dict(loaded["optimizer"])
-        # megatron-core 0.16.1 takes these optimizers' per-parameter steps from the request (the
-        # zeros allocated above); the checkpoint's step count is in its param groups.
-        _set_adam_step(torch_adams, _saved_optimizer_step(loaded["optimizer"], load_dir))
+        if torch_adams:
+            # megatron-core 0.16.1 takes these optimizers' per-parameter steps from the request
+            # (the zeros allocated above); the checkpoint's step count is in its param groups.
+            _set_adam_step(torch_adams, _saved_optimizer_step(loaded["optimizer"], load_dir))
     if scheduler is not None:
         scheduler.load_state_dict(train_state["scheduler"])
     if "rng" in request:

@@ -15,9 +15,8 @@ The redirected touch points:
      a ``TorchFunctionMode`` that maps that device to CPU;
   5. the default causal mask built on CUDA: callers pass an explicit mask (see ``model.py``).
 Plus gradient clipping, whose megatron-core version asserts ``torch.cuda.FloatTensor`` grads,
-and the distributed optimizer, which sorts parameters by their ``Tensor.type()`` names
-(``torch.cuda.FloatTensor`` ...): while it builds its parameter groups, CPU tensors report
-the CUDA names.
+and the bf16 and distributed optimizers, which sort parameters by their ``Tensor.type()`` names
+(``torch.cuda.FloatTensor`` ...): while they are constructed, CPU tensors report CUDA names.
 
 ``enable()`` refuses to run when CUDA is available: on a GPU machine nothing here is active.
 """
@@ -95,25 +94,26 @@ def _tagged_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, ten
     return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _with_cuda_type_names(build):
-    """``build`` run while ``Tensor.type()`` (no argument) names CPU tensors as CUDA ones."""
-    real_type = torch.Tensor.type
+def _with_cuda_type_names(function):
+    """``function`` run while ``Tensor.type()`` (no argument) names CPU tensors as CUDA ones."""
 
-    def cuda_named_type(tensor, dtype=None, non_blocking=False, **kwargs):
-        if dtype is not None or kwargs:
-            return real_type(tensor, dtype, non_blocking, **kwargs)
-        name = real_type(tensor)
-        # Idempotent: with the CUDA->CPU TorchFunctionMode active, real_type re-enters this
-        # function (the mode calls the patched attribute), so the name may be renamed already.
-        if tensor.device.type == "cpu" and not name.startswith("torch.cuda."):
-            return name.replace("torch.", "torch.cuda.", 1)
-        return name
-
-    @functools.wraps(build)
+    @functools.wraps(function)
     def wrapped(*args, **kwargs):
+        real_type = torch.Tensor.type
+
+        def cuda_named_type(tensor, dtype=None, non_blocking=False, **type_kwargs):
+            if dtype is not None or type_kwargs:
+                return real_type(tensor, dtype, non_blocking, **type_kwargs)
+            name = real_type(tensor)
+            # Idempotent: with the CUDA->CPU TorchFunctionMode active, real_type re-enters this
+            # function (the mode calls the patched attribute), so the name may be renamed already.
+            if tensor.device.type == "cpu" and not name.startswith("torch.cuda."):
+                return name.replace("torch.", "torch.cuda.", 1)
+            return name
+
         torch.Tensor.type = cuda_named_type
         try:
-            return build(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             torch.Tensor.type = real_type
 
@@ -168,10 +168,11 @@ def enable() -> None:
     # Clipping without the CUDA assertion.
     mcore_clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-    # The distributed optimizer's parameter sorting by CUDA type names.
-    dist_opt = mcore_distrib_optimizer.DistributedOptimizer
-    dist_opt._build_model_and_main_param_groups = staticmethod(
-        _with_cuda_type_names(dist_opt._build_model_and_main_param_groups))
+    # The mixed-precision and distributed optimizers sort parameters by CUDA type names while
+    # they are built.
+    for optimizer_class in (mcore_optimizer.Float16OptimizerWithFloat16Params,
+                            mcore_distrib_optimizer.DistributedOptimizer):
+        optimizer_class.__init__ = _with_cuda_type_names(optimizer_class.__init__)
 
     _ENABLED = True
 

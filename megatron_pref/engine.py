@@ -17,6 +17,13 @@ import torch.distributed as dist
 from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, build_gpt_model
 
 
+def ddp_bucket_size(overlap_grad_reduce: bool, data_parallel_size: int) -> Optional[int]:
+    """Parameters per gradient bucket: megatron-core's choice, made explicit because the
+    distributed optimizer's DP-reshardable checkpoints store one tensor per bucket. One bucket
+    without overlap; with it, max(40M, 1M x DP)."""
+    return max(40_000_000, 1_000_000 * data_parallel_size) if overlap_grad_reduce else None
+
+
 def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                        wrap_ddp: bool = True, use_distributed_optimizer: bool = False,
                        perform_initialization: bool = True, overlap_grad_reduce: bool = False) -> list:
@@ -27,6 +34,7 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
     each gradient bucket's data-parallel reduction as soon as the last micro-batch's backward
     has filled it, overlapping it with the rest of the backward.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
@@ -43,7 +51,8 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
         if wrap_ddp:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-                use_distributed_optimizer=use_distributed_optimizer)
+                use_distributed_optimizer=use_distributed_optimizer,
+                bucket_size=ddp_bucket_size(overlap_grad_reduce, ps.get_data_parallel_world_size(with_context_parallel=True)))
             model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
                                             disable_bucketing=(vp_stage is not None and vp_stage > 0))
         else:
@@ -189,7 +198,8 @@ def run_schedule(model_chunks: list, micro_batches: Sequence, forward_step: Call
     # Interleaving pads every pack to one length, so the shape is known: no per-transfer shape
     # exchange (one round trip less per p2p on GPUs; on gloo the untagged exchange of shapes
     # could deadlock when every micro-batch of a stage is in the warm-up phase).
-    config.variable_seq_lengths = not ps.get_virtual_pipeline_model_parallel_world_size()
+    variable_seq_lengths = config.variable_seq_lengths
+    config.variable_seq_lengths = variable_seq_lengths and not ps.get_virtual_pipeline_model_parallel_world_size()
     try:
         return get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -201,7 +211,7 @@ def run_schedule(model_chunks: list, micro_batches: Sequence, forward_step: Call
             forward_only=forward_only,
         )
     finally:
-        config.variable_seq_lengths = True
+        config.variable_seq_lengths = variable_seq_lengths
 
 
 def metric_sums_over_data_parallel(outputs: list[dict], names: Sequence[str]) -> dict:

@@ -21,7 +21,7 @@ from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
 from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, checkpoint_fingerprint,
                                          load_checkpoint, load_weights_only, read_model_config, read_train_state,
                                          save_checkpoint, validate_checkpoint_dir)
-from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, forward_only_pass,
+from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
                                   global_pair_counts, metric_sums_over_data_parallel, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
 from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
@@ -115,16 +115,50 @@ def metric_names(loss_name: str, loss_config) -> list:
     return sorted(names)
 
 
+def _check_optimizer_resume_early(run: RunConfig, world_size: int) -> None:
+    """load_checkpoint's optimizer check, before any process group or model (a wrong layout
+    for a distributed-optimizer checkpoint should not cost a model build)."""
+    saved_state = read_train_state(run.checkpoint.load)
+    if saved_state is None:
+        return
+    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
+    layout = {"tp": tp, "pp": pp, "vpp": run.parallel.virtual_pipeline_model_parallel_size or 1}
+    bucket_size = ddp_bucket_size(run.optim.overlap_grad_reduce, max(world_size // (tp * pp), 1))
+    problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout, bucket_size)
+    if problem:
+        raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
+
+
 def check_fp8_support(precision) -> None:
     """FP8 needs Transformer Engine layers, and MXFP8 a Blackwell GPU (TE would assert later)."""
     if precision.transformer_impl != "transformer_engine":
         raise ConfigError("--fp8-format needs Transformer Engine layers, and Transformer Engine is not "
                           "importable here (pip install -e '.[gpu]', or use the Docker image)")
+    verdict = _te_recipe_support(precision.fp8_recipe)
+    if verdict is not None and not verdict[0]:
+        raise ConfigError(f"--fp8-recipe {precision.fp8_recipe} cannot run on {torch.cuda.get_device_name()}: "
+                          f"{verdict[1]}")
     capability = torch.cuda.get_device_capability()
-    if precision.fp8_recipe == "mxfp8" and capability < (10, 0):
+    if precision.fp8_recipe == "mxfp8" and capability < (10, 0):  # when TE's own check is not there
         raise ConfigError(f"--fp8-recipe mxfp8 needs compute capability 10.0 or newer (Blackwell); "
                           f"{torch.cuda.get_device_name()} has {capability[0]}.{capability[1]}: "
                           "use delayed, tensorwise or blockwise")
+
+
+def _te_recipe_support(recipe: str):
+    """Transformer Engine's own (supported, reason) for the recipe on this GPU (compute
+    capability, CUDA and cuBLASLt versions), or None where this TE has no such check."""
+    try:
+        from transformer_engine.pytorch import quantization as checks  # TE >= 2.10
+    except ImportError:
+        try:
+            from transformer_engine.pytorch import fp8 as checks
+        except ImportError:
+            return None
+    name = {"mxfp8": "check_mxfp8_support", "blockwise": "check_fp8_block_scaling_support"}.get(recipe,
+                                                                                              "check_fp8_support")
+    check = getattr(checks, name, None)
+    return check() if check is not None else None
 
 
 def _reference_source(run: RunConfig, resumed_source: Optional[dict]) -> Optional[dict]:
@@ -153,7 +187,8 @@ def _load_reference_weights(model_chunks, source: dict, model_cfg) -> None:
 def _reference_fingerprint(source: dict, model_cfg) -> str:
     if source["kind"] == "checkpoint":
         return "checkpoint:" + checkpoint_fingerprint(source["path"])
-    return f"init:seed={source['seed']}"
+    # layout_invariant_init draws on the parameters' device: CPU and CUDA draws differ.
+    return f"init:seed={source['seed']}:device={'cuda' if torch.cuda.is_available() else 'cpu'}"
 
 
 def _reference_model(run: RunConfig, source: dict, model_cfg) -> list:
@@ -273,16 +308,11 @@ def train(run: RunConfig) -> dict:
     if run.checkpoint.load:
         validate_checkpoint_dir(run.checkpoint.load)
         checkpoint_model = read_model_config(run.checkpoint.load)
-        saved_state = read_train_state(run.checkpoint.load)
-        if saved_state is not None and not run.checkpoint.no_load_optim:
-            layout = {"tp": run.parallel.tensor_model_parallel_size, "pp": run.parallel.pipeline_model_parallel_size,
-                      "vpp": run.parallel.virtual_pipeline_model_parallel_size or 1}
-            problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout)
-            if problem:
-                raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
     if run.reference.ref_load:
         validate_checkpoint_dir(run.reference.ref_load)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if run.checkpoint.load and not run.checkpoint.no_load_optim:
+        _check_optimizer_resume_early(run, world_size)
     if run.precision.fp8_format and not torch.cuda.is_available():
         raise ConfigError("--fp8-format needs GPUs with Transformer Engine")
     if run.precision.transformer_impl == "auto":

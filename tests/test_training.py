@@ -99,8 +99,10 @@ def test_step_zero_identity_breaks_with_another_reference(distributed, tmp_path,
     assert abs(result["eval_before"]["eval/loss"] - math.log(2)) > 1e-4
 
 
-@pytest.mark.parametrize("optimizer_flags", [[], ["--use-distributed-optimizer"], ["--use-distributed-optimizer", "--overlap-grad-reduce"]],
-                         ids=["ddp", "distributed-optimizer", "distributed-optimizer-overlap"])
+@pytest.mark.parametrize("optimizer_flags", [
+    [], ["--use-distributed-optimizer"], ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+    ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"],
+], ids=["ddp", "distributed-optimizer", "distributed-optimizer-overlap", "distributed-optimizer-fully-reshardable"])
 def test_resume_equals_uninterrupted(distributed, tmp_path, tiny, optimizer_flags):
     """2 steps + save + load + 2 steps == 4 steps, bit for bit (with the distributed optimizer:
     its sharded Adam states go through the checkpoint too)."""
@@ -144,6 +146,8 @@ def test_distributed_optimizer_checkpoint_layouts(distributed, tmp_path, tiny):
     assert math.isfinite(resumed["train"]["loss"])
     with pytest.raises(RuntimeError, match=r"loads only at the layout it was saved at \(tp=1\)"):
         run_training(distributed, 2, common + dist_opt + ["--load", dp_only, "--tensor-model-parallel-size", "2"])
+    with pytest.raises(RuntimeError, match="saved with gradient buckets of all parameters and this run uses 40000000"):
+        run_training(distributed, 2, common + dist_opt + ["--load", dp_only, "--overlap-grad-reduce"])
     with pytest.raises(RuntimeError, match="saved with --use-distributed-optimizer; run with it"):
         run_training(distributed, 2, common + ["--load", dp_only])
     plain = run_training(distributed, 2, common + ["--load", dp_only, "--no-load-optim"])[0]
@@ -152,6 +156,20 @@ def test_distributed_optimizer_checkpoint_layouts(distributed, tmp_path, tiny):
     anywhere = save("full", ["--dist-ckpt-optim-fully-reshardable"])
     tp2 = run_training(distributed, 2, common + dist_opt + ["--load", anywhere, "--tensor-model-parallel-size", "2"])[0]
     assert math.isfinite(tp2["train"]["loss"])
+
+
+@pytest.mark.parametrize("optimizer_flags", [[], ["--use-distributed-optimizer"]], ids=["ddp", "distributed-optimizer"])
+def test_weights_loaded_without_optimizer_state_survive_the_first_step(distributed, tmp_path, tiny, optimizer_flags):
+    """--bf16 keeps fp32 master weights copied when the optimizer is built; a load that brings
+    no optimizer state (--no-load-optim, a converted checkpoint) must refresh them, or the first
+    step writes the stale copy back. With lr 0 the weights after one step are the loaded ones."""
+    common = tiny + ["--loss", "dpo", "--ref-cache-dir", str(tmp_path / "cache"), "--eval-interval", "100", "--bf16"] \
+        + optimizer_flags
+    saved = run_training(distributed, 1, common + ["--train-iters", "4", "--save", str(tmp_path / "ckpt"),
+                                                   "--save-interval", "2", "--exit-interval", "2"])[0]
+    reloaded = run_training(distributed, 1, common + ["--train-iters", "3", "--load", str(tmp_path / "ckpt"),
+                                                      "--no-load-optim", "--lr", "0", "--lr-warmup-iters", "0"])[0]
+    assert reloaded["weights_sha256"] == saved["weights_sha256"]
 
 
 def test_checkpoint_reshards_between_layouts(distributed, tmp_path, tiny):

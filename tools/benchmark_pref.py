@@ -644,19 +644,25 @@ def run_config(name: str, args, shape: dict, batches, device: str, peak_tflops: 
         # pairs per micro-batch (gradient accumulation, as a TRL user would), down to one pair.
         micro_pairs = args.micro_pairs
         while True:
+            out_of_memory = False
             try:
                 runner = build(micro_pairs)
                 timing = time_runner(runner, args.warmup, args.steps, device)
                 break
             except torch.cuda.OutOfMemoryError:
+                current = micro_pairs or shape["pairs"]
+                if current <= 1:
+                    raise
+                out_of_memory = True
+            # Freed outside the except block: its traceback keeps the failed build's frames
+            # (model, optimizer, activations) alive until the block ends.
+            if out_of_memory:
                 if runner is not None:
                     runner.close()
                 runner = None
                 gc.collect()
-                torch.cuda.empty_cache()
-                current = micro_pairs or shape["pairs"]
-                if current <= 1:
-                    raise
+                if gpu:
+                    torch.cuda.empty_cache()
                 row.setdefault("out_of_memory_at_micro_pairs", []).append(current)
                 micro_pairs = current // 2
         row["micro_pairs"] = micro_pairs or shape["pairs"]

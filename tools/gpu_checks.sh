@@ -5,7 +5,8 @@
 #   bash tools/gpu_checks.sh OUT_DIR [TOTAL_SECONDS]
 #
 # On the device tool (after `bash ../shared/device/stage-wheels.sh` here; carry [".whl"]):
-#   bash .whl/setup.sh && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && bash tools/gpu_checks.sh $OUT 540
+#   bash .whl/setup.sh && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && bash tools/gpu_checks.sh $OUT 480
+# (480 s of the 600 s a device command may run: setup.sh installs the wheels first.)
 #
 # Stages run in order of value, each under its own time limit, so a slow stage cannot eat the
 # others' time, and every stage leaves its files behind even when cut short (the benchmark
@@ -14,9 +15,10 @@
 #   logs.tar.gz (every stage's log, the profiler tables)  summary.txt
 set -uo pipefail
 out=${1:?usage: bash tools/gpu_checks.sh OUT_DIR [TOTAL_SECONDS]}
-total=${2:-540}
+total=${2:-480}
 case "$total" in ''|*[!0-9]*) echo "error: TOTAL_SECONDS must be a whole number of seconds, got '$total'" >&2; exit 2;; esac
 mkdir -p "$out" || { echo "error: cannot create OUT_DIR $out" >&2; exit 2; }
+out=$(cd "$out" && pwd)  # absolute: the script changes directory next
 cd "$(dirname "$0")/.."
 # Fewer out-of-memory failures from fragmentation at the 8b-slice's ~70 GB.
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -44,7 +46,7 @@ stage() {
     timeout --kill-after=10 "$limit" "$@" > "$out/logs/$name.log" 2>&1
     rc=$?
     grep -v -i -E 'warn|USDT|^\s*$' "$out/logs/$name.log" | tail -n 20 >> "$summary"
-    note "[$name] exit $rc in $(( $(date +%s) - t0 ))s (limit ${limit}s)$( ((rc == 124)) && echo ', TIMED OUT')"
+    note "[$name] exit $rc in $(( $(date +%s) - t0 ))s (limit ${limit}s)$( ((rc == 124 || rc == 137)) && echo ', TIMED OUT')"
 }
 
 mkdir -p "$out/logs"
@@ -62,7 +64,7 @@ PY
 # 1. The gpu-marked tests (tiny models): TE THD vs local, FP8 steps, step-0 identity, multiples of 16.
 stage gpu-tests 30 env MEGATRON_PREF_GPU_RECORD="$out/gpu_record.jsonl" \
     python3 -m pytest -m gpu -q -rA -p no:cacheprovider tests/test_gpu.py
-cp "$out/logs/gpu-tests.log" "$out/gpu_tests.log"
+[ -f "$out/logs/gpu-tests.log" ] && cp "$out/logs/gpu-tests.log" "$out/gpu_tests.log"
 
 # 2. The benchmark at the targets' presets, 8b-slice first (MFU >= 50%, FP8 >= 1.3x), profiled.
 #    Fewer timed steps than the default: a fixed pair set's step time varies little.

@@ -168,9 +168,15 @@ def load_sharded(request: dict, path, modules: dict, error: type = ConversionErr
     weights-only load) is not read.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    loaded, _, not_in_checkpoint = dist_checkpointing.load(request, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    try:
+        loaded, _, not_in_checkpoint = dist_checkpointing.load(request, str(path),
+                                                               strict=StrictHandling.RETURN_UNEXPECTED)
+    except (CheckpointingException, CheckpointException) as exc:  # e.g. a tensor of another shape: one line
+        raise error(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     lacking = sorted(k for k in not_in_checkpoint if not k.endswith(EXTRA_STATE_SUFFIX))
     if lacking:
         shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
