@@ -6,6 +6,7 @@ the already-imported torch and megatron-core (spawning re-imports them, ~4 s a r
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import traceback
@@ -28,7 +29,7 @@ def _rank_main(rank, world_size, port, parallel, seed, fn, args, results, init_p
             torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
             mp_parallel.initialize(parallel, seed)
         value = fn(*args)
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", _to_bytes(value)))
     except BaseException:  # report every failure to the parent, which raises it
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -36,6 +37,15 @@ def _rank_main(rank, world_size, port, parallel, seed, fn, args, results, init_p
             mp_parallel.destroy()
         except Exception:
             pass
+
+
+def _to_bytes(value: Any) -> bytes:
+    # Tensors put on a multiprocessing queue travel as shared-memory file descriptors that
+    # the parent fetches from the child's resource-sharer thread; a rank that has already
+    # exited leaves the parent with FileNotFoundError. Plain bytes do not depend on the sender.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, parallel: ParallelConfig | None = None,
@@ -61,7 +71,7 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, parallel: ParallelConf
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
                 break
-            collected[rank] = value
+            collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=5 if errors else timeout)
