@@ -7,7 +7,7 @@ PRETRAIN_ARGS=(
   --ref-logprobs "${REF_LOGPROBS:-precompute}"
   # parallelism: see the header
   --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --sequence-parallel
-  --use-distributed-optimizer --overlap-grad-reduce
+  --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
   # batch: one pack per micro-batch; the global batch counts pairs
   --micro-batch-size 1 --global-batch-size "${GLOBAL_BATCH_SIZE:-128}"
   --seq-length "${SEQ_LENGTH:-8192}" --max-prompt-length "${MAX_PROMPT_LENGTH:-1024}"

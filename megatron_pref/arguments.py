@@ -69,6 +69,7 @@ class OptimConfig:
     adam_eps: float = 1e-8
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap the data-parallel gradient reduction with the backward pass")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with the next forward pass "
+                        "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
 
     g = p.add_argument_group("precision and kernels")
     g.add_argument("--bf16", action="store_true")
@@ -298,6 +302,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     _check(args.train_epochs is None or args.train_epochs > 0, "--train-epochs must be > 0")
     _check(args.train_iters is None or args.train_epochs is None, "give --train-iters or --train-epochs, not both")
     _check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    if args.overlap_param_gather:  # as Megatron-LM: the gather is the distributed optimizer's
+        _check(args.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
+        _check(args.overlap_grad_reduce, "--overlap-param-gather needs --overlap-grad-reduce")
     if args.fp8_format:
         _check(args.transformer_impl != "local", "--fp8-format needs --transformer-impl transformer_engine")
         _check(args.bf16, "--fp8-format needs --bf16 (FP8 GEMMs with bf16 parameters and activations)")
@@ -349,7 +356,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             train_epochs=args.train_epochs, clip_grad=args.clip_grad, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
             use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_grad_reduce=args.overlap_grad_reduce),
+            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather),
         checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
                                     exit_interval=args.exit_interval, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
                                     optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable),

@@ -26,13 +26,19 @@ def ddp_bucket_size(overlap_grad_reduce: bool, data_parallel_size: int) -> Optio
 
 def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                        wrap_ddp: bool = True, use_distributed_optimizer: bool = False,
-                       perform_initialization: bool = True, overlap_grad_reduce: bool = False) -> list:
+                       perform_initialization: bool = True, overlap_grad_reduce: bool = False,
+                       overlap_param_gather: bool = False) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage), DDP-wrapped.
 
     ``wrap_ddp=False`` builds a frozen model (the online reference): no gradients, no DDP
     buffers, no optimizer state. ``overlap_grad_reduce`` (``--overlap-grad-reduce``) launches
     each gradient bucket's data-parallel reduction as soon as the last micro-batch's backward
-    has filled it, overlapping it with the rest of the backward.
+    has filled it, overlapping it with the rest of the backward. ``overlap_param_gather``
+    (``--overlap-param-gather``, distributed optimizer only) leaves the optimizer step's
+    parameter all-gather to forward pre-hooks, bucket by bucket, during the next forward; with
+    virtual pipeline stages the interleaved schedule starts each chunk's gather, aligned across
+    stages (Megatron-LM's default). Read the weights outside a training forward only after
+    ``synchronize_params``.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -51,7 +57,8 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
         if wrap_ddp:
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-                use_distributed_optimizer=use_distributed_optimizer,
+                use_distributed_optimizer=use_distributed_optimizer, overlap_param_gather=overlap_param_gather,
+                align_param_gather=overlap_param_gather and vpp is not None,
                 bucket_size=ddp_bucket_size(overlap_grad_reduce, ps.get_data_parallel_world_size(with_context_parallel=True)))
             model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
                                             disable_bucketing=(vp_stage is not None and vp_stage > 0))
@@ -61,6 +68,21 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
                 p.requires_grad_(False)
         chunks.append(model)
     return chunks
+
+
+def synchronize_params(model_chunks: list) -> None:
+    """Finish every parameter all-gather that ``--overlap-param-gather`` left to the next
+    training forward.
+
+    The distributed optimizer's step updates only this rank's shard of each bucket; the other
+    shards arrive by the all-gathers that the next forward's pre-hooks wait for. Evaluation,
+    generation, checkpoints and digests read the weights outside that forward, so they call
+    this first (Megatron-LM does the same before evaluation and saving). A no-op without the
+    flag.
+    """
+    for chunk in model_chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def build_optimizer(model_chunks: list, optim, precision: PrecisionConfig):
@@ -119,6 +141,7 @@ def _configure_schedule(model_chunks: list, optimizer=None) -> None:
     config = get_model_config(model_chunks[0])
     config.finalize_model_grads_func = finalize_model_grads if optimizer is not None else None
     config.grad_scale_func = optimizer.scale_loss if optimizer is not None else None
+    config.param_sync_func = None
     if optimizer is None:
         return
     if any(getattr(getattr(c, "ddp_config", None), "overlap_grad_reduce", False) for c in model_chunks):
@@ -130,6 +153,10 @@ def _configure_schedule(model_chunks: list, optimizer=None) -> None:
         config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
     elif len(model_chunks) == 1:
         config.no_sync_func = model_chunks[0].no_sync
+    if any(getattr(getattr(c, "ddp_config", None), "align_param_gather", False) for c in model_chunks):
+        # The interleaved schedule starts each chunk's parameter all-gather before its first
+        # micro-batch, at the same time on every pipeline stage.
+        config.param_sync_func = [c.start_param_sync for c in model_chunks]
 
 
 def empty_pack_like(pack, length: int = 8):

@@ -22,7 +22,7 @@ from megatron_pref.checkpointing import (CheckpointError, TrainState, check_opti
                                          load_checkpoint, load_weights_only, read_model_config, read_train_state,
                                          save_checkpoint, validate_checkpoint_dir)
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
-                                  global_pair_counts, metric_sums_over_data_parallel, train_step)
+                                  global_pair_counts, metric_sums_over_data_parallel, synchronize_params, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
 from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
@@ -359,6 +359,7 @@ def train(run: RunConfig) -> dict:
     model_chunks = build_model_chunks(model_cfg, run.parallel, run.precision,
                                       use_distributed_optimizer=run.optim.use_distributed_optimizer,
                                       overlap_grad_reduce=run.optim.overlap_grad_reduce,
+                                      overlap_param_gather=run.optim.overlap_param_gather,
                                       perform_initialization=False)
     if not run.checkpoint.load:
         for chunk in model_chunks:
@@ -397,6 +398,7 @@ def train(run: RunConfig) -> dict:
     def run_evaluation(tag: str) -> dict:
         if valid_loader is None:
             return {}
+        synchronize_params(model_chunks)
         results = evaluate(model_chunks, valid_loader, references["valid"], forward_step, names,
                            run.log.eval_iters, progress=not run.log.no_progress_bar)
         if run.data.uses_demo:
@@ -448,6 +450,7 @@ def train(run: RunConfig) -> dict:
         if run.checkpoint.exit_interval and state.iteration % run.checkpoint.exit_interval == 0:
             logger.info("exiting after step %d (--exit-interval)", state.iteration)
             metrics_logger.close()
+            synchronize_params(model_chunks)
             return {"train": last_metrics, "eval_before": before, "eval_after": {}, "iteration": state.iteration,
                     "weights_sha256": weights_digest(model_chunks)}
 
@@ -462,6 +465,7 @@ def train(run: RunConfig) -> dict:
                     f"; exact match: {before['eval/exact_match']:.3f} -> {after['eval/exact_match']:.3f}"
                     if "eval/exact_match" in after else "")
     metrics_logger.close()
+    synchronize_params(model_chunks)
     return {"train": last_metrics, "eval_before": before, "eval_after": after, "iteration": state.iteration,
             "weights_sha256": weights_digest(model_chunks)}
 
@@ -488,6 +492,7 @@ def _global_sum(value: int) -> int:
 
 
 def _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data) -> None:
+    synchronize_params(model_chunks)
     path = save_checkpoint(run.checkpoint.save, model_chunks, optimizer, scheduler, state, model_cfg,
                            tokenizer_dir=data.tokenizer_dir, run_metadata={"loss": run.loss},
                            optim_fully_reshardable=run.checkpoint.optim_fully_reshardable)

@@ -660,7 +660,8 @@ def test_example_training_commands(script, model, loss):
     tp, pp = int(value_of(args, "--tensor-model-parallel-size")), int(value_of(args, "--pipeline-model-parallel-size"))
     heads, groups = EXAMPLE_MODELS[model]
     assert heads % tp == 0 and groups % tp == 0 and (2 * 8) % (tp * pp) == 0
-    assert {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--bf16"} <= flags_of(args)
+    assert {"--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+            "--bf16"} <= flags_of(args)
     assert value_of(args, "--transformer-impl") == "transformer_engine"
     assert value_of(args, "--fp8-format") == "hybrid" and value_of(args, "--fp8-recipe") == "delayed"
     assert value_of(args, "--micro-batch-size") == "1"

@@ -128,6 +128,40 @@ def test_overlap_grad_reduce_trains_like_the_default(distributed, tmp_path, tiny
     assert overlapped[0]["train"]["loss"] == pytest.approx(plain[0]["train"]["loss"], abs=1e-7)
 
 
+def _train_without_param_sync(argv):
+    """_train with synchronize_params disabled: the negative control for --overlap-param-gather."""
+    from megatron_pref import training
+
+    training.synchronize_params = lambda chunks: None  # a forked rank: the patch dies with it
+    return _train(argv)
+
+
+@pytest.mark.parametrize("layout", [[], ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]],
+                         ids=["dp2", "pp2vpp2dp2"])
+def test_overlap_param_gather_trains_like_the_default(distributed, tmp_path, tiny, layout):
+    """--overlap-param-gather leaves the distributed optimizer's all-gather to the next forward
+    (with virtual stages, to the interleaved schedule). 3 steps, saving after each, end with the
+    weights and loss of the run without it; the last checkpoint, resumed, holds those weights and
+    evaluates the same. Control (DP 2): without the gather before the weights are read, the
+    digests see other ranks' stale shards."""
+    world = 4 if layout else 2
+    common = tiny + layout + ["--loss", "dpo", "--ref-cache-dir", str(tmp_path / "cache"), "--train-iters", "3",
+                              "--eval-interval", "100", "--use-distributed-optimizer", "--overlap-grad-reduce"]
+    plain = run_training(distributed, world, common)
+    # --exit-interval 3 returns before the final evaluation, whose forward would gather anyway.
+    overlap = common + ["--overlap-param-gather", "--exit-interval", "3"]
+    overlapped = run_training(distributed, world, overlap + ["--save", str(tmp_path / "ckpt"), "--save-interval", "1"])
+    assert [r["weights_sha256"] for r in overlapped] == [r["weights_sha256"] for r in plain]
+    assert overlapped[-1]["train"]["loss"] == plain[-1]["train"]["loss"]
+    resumed = run_training(distributed, world, common + ["--overlap-param-gather", "--load", str(tmp_path / "ckpt")])
+    assert resumed[0]["iteration"] == 3
+    assert [r["weights_sha256"] for r in resumed] == [r["weights_sha256"] for r in plain]
+    assert resumed[0]["eval_after"]["eval/loss"] == plain[0]["eval_after"]["eval/loss"]
+    if not layout:
+        stale = distributed(_train_without_param_sync, world, ParallelConfig(), overlap, init_parallel=False)
+        assert [r["weights_sha256"] for r in stale] != [r["weights_sha256"] for r in plain]
+
+
 def test_distributed_optimizer_checkpoint_layouts(distributed, tmp_path, tiny):
     """A distributed-optimizer checkpoint (DP=2, saved at step 2) resumes at another DP size, and
     with --dist-ckpt-optim-fully-reshardable at another TP, with its Adam state: step 4's loss
@@ -385,6 +419,18 @@ def test_bad_input_is_one_line(args, message):
     lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--overlap-param-gather", "--overlap-grad-reduce"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather needs --overlap-grad-reduce"),
+])
+def test_flag_dependencies_are_checked_before_any_work(args, message):
+    from megatron_pref.arguments import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(args)
+    parse_run_config(args + ["--use-distributed-optimizer", "--overlap-grad-reduce"])  # complete: accepted
 
 
 def test_global_batch_not_divisible_by_data_parallel_size():
