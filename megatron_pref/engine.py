@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -94,6 +95,11 @@ def build_optimizer(model_chunks: list, optim, precision: PrecisionConfig):
         clip_grad=optim.clip_grad, bf16=precision.bf16, params_dtype=precision.params_dtype,
         use_distributed_optimizer=optim.use_distributed_optimizer)
     optimizer = get_megatron_optimizer(config, model_chunks)
+    if optim.use_distributed_optimizer:
+        # Its zero_grad sets .grad on views of the main parameters (megatron-core's own comment:
+        # "throws grad-access warning"); harmless, and printed by every rank.
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf Tensor",
+                                category=UserWarning)
     if torch.cuda.is_available():
         use_fused_torch_adam(optimizer)
     return optimizer
