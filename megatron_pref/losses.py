@@ -94,7 +94,8 @@ class LossConfig:
 
     # Shared inverse temperature. DPO/IPO/hinge/SPO: KL strength. SimPO: reward
     # scale (the SimPO paper uses beta ~ 2-2.5, pass --beta explicitly). Also the
-    # scale of the logged rewards of the reference-free losses.
+    # scale of the logged rewards of the reference-free losses (ORPO's: orpo_lambda,
+    # as TRL's ORPO trainer, whose beta is that lambda).
     beta: float = 0.1
     # Conservative DPO (cDPO): assumed probability that a label is flipped. DPO only.
     label_smoothing: float = 0.0
@@ -107,10 +108,12 @@ class LossConfig:
     spo_min_target: float = 0.1
     # SPO: shape function name in SPO_SHAPES.
     spo_shape: str = "exp"
-    # SPO: below this z the exp shape continues along its tangent line, so an
-    # extremely inverted pair yields a large but finite (never inf/NaN) loss/grad.
-    spo_z_floor: float = -20.0
-    # SLIME (paper defaults; the authors' code uses slime_lambda_l = 0.0005).
+    # SPO: below this z the exp shape continues along its tangent line: the push on
+    # an inverted pair grows as (1 - z) e^-z down to here (6e^5 ~ 890 at -5, 890x
+    # the push at z = 0) and stays there, so one badly inverted pair cannot outweigh
+    # a batch by orders of magnitude (at -20 it would be 21e^20 ~ 1e10).
+    spo_z_floor: float = -5.0
+    # SLIME (paper defaults; the released code uses lambda_l 0.0005, lambda_w 0.8, delta 0.5).
     slime_lambda_w: float = 0.1
     slime_lambda_l: float = 0.1
     slime_lambda_d: float = 1.0
@@ -193,7 +196,8 @@ def _log_ratios(stats: PairStats) -> tuple[Tensor, Tensor]:
     )
 
 
-def _metrics(stats: PairStats, reward_chosen: Tensor, reward_rejected: Tensor) -> dict[str, Tensor]:
+def _metrics(reward_chosen: Tensor, reward_rejected: Tensor, logps_chosen: Tensor,
+             logps_rejected: Tensor) -> dict[str, Tensor]:
     """TRL-named per-pair metrics; detached so logging never touches the graph."""
     rc, rr = reward_chosen.detach(), reward_rejected.detach()
     return {
@@ -201,24 +205,32 @@ def _metrics(stats: PairStats, reward_chosen: Tensor, reward_rejected: Tensor) -
         "rewards/rejected": rr,
         "rewards/accuracies": (rc > rr).to(rc.dtype),
         "rewards/margins": rc - rr,
-        "logps/chosen": stats.chosen_logps.detach(),
-        "logps/rejected": stats.rejected_logps.detach(),
+        "logps/chosen": logps_chosen.detach(),
+        "logps/rejected": logps_rejected.detach(),
     }
 
 
 def _reference_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor]:
-    """Implicit DPO rewards ``beta * (logp - ref_logp)`` (sequence level)."""
+    """Implicit DPO rewards ``beta * (logp - ref_logp)`` and ``logps`` (sequence level)."""
     rho_c, rho_r = _log_ratios(stats)
-    return _metrics(stats, config.beta * rho_c, config.beta * rho_r)
+    return _metrics(config.beta * rho_c, config.beta * rho_r, stats.chosen_logps, stats.rejected_logps)
 
 
-def _reference_free_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor]:
-    """Rewards ``beta * lbar`` (average log-prob), as TRL's CPO/SimPO/ORPO trainers log them."""
-    return _metrics(
-        stats,
-        config.beta * _avg(stats.chosen_logps, stats.chosen_lengths),
-        config.beta * _avg(stats.rejected_logps, stats.rejected_lengths),
-    )
+def _averaged_reference_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor]:
+    """Rewards ``beta * (lbar - ref_lbar)`` and ``logps = lbar``: TRL's DPO trainer averages
+    the log-probs per token for IPO, so its rewards, accuracies and margins are those of
+    the per-token ratios that IPO's loss regresses (sequence-level ones may disagree)."""
+    lbar_w, lbar_l = _avg(stats.chosen_logps, stats.chosen_lengths), _avg(stats.rejected_logps, stats.rejected_lengths)
+    ref_w = _avg(stats.ref_chosen_logps, stats.chosen_lengths)
+    ref_l = _avg(stats.ref_rejected_logps, stats.rejected_lengths)
+    return _metrics(config.beta * (lbar_w - ref_w), config.beta * (lbar_l - ref_l), lbar_w, lbar_l)
+
+
+def _reference_free_metrics(stats: PairStats, scale: float) -> dict[str, Tensor]:
+    """Rewards ``scale * lbar`` and ``logps = lbar`` (per-token averages), as TRL's CPO
+    (SimPO) and ORPO trainers log them."""
+    lbar_w, lbar_l = _avg(stats.chosen_logps, stats.chosen_lengths), _avg(stats.rejected_logps, stats.rejected_lengths)
+    return _metrics(scale * lbar_w, scale * lbar_l, lbar_w, lbar_l)
 
 
 def _output(pair_losses: Tensor, metrics: dict[str, Tensor]) -> LossOutput:
@@ -257,7 +269,7 @@ def ipo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
         stats.rejected_logps - stats.ref_rejected_logps, stats.rejected_lengths
     )
     losses = (hbar - 1.0 / (2.0 * config.beta)) ** 2
-    metrics = _reference_metrics(stats, config)
+    metrics = _averaged_reference_metrics(stats, config)
     metrics["ipo/hbar"] = hbar.detach()
     return _output(losses, metrics)
 
@@ -394,8 +406,9 @@ def slime_loss(stats: PairStats, config: LossConfig) -> LossOutput:
       ``D >= mh`` (e.g. 1.5 * sigmoid(2.5) = 1.386 at D = 0, 0.25 at D = 1).
 
     Defaults follow the paper (lw=0.1, ll=0.1, ld=1, delta=1.25, mh=1.5, ms=1,
-    kappa=2.5, p=2.5). The authors' released code uses ll = 0.0005 instead; pass
-    ``--slime-lambda-l 0.0005`` to reproduce it.
+    kappa=2.5, p=2.5). The released code (a TRL-based ``SlimeTrainer``) defaults to
+    ll = 0.0005, lw = 0.8 and delta = 0.5 instead; pass
+    ``--slime-lambda-l 0.0005 --slime-lambda-w 0.8 --slime-delta 0.5`` to reproduce it.
 
     Normalisation: the stabiliser is a mean over ALL rejected tokens of the
     GLOBAL batch. It is made additive with
@@ -420,11 +433,14 @@ def slime_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     pair_losses = anchor + margin
 
     tok = stats.rejected_token_logps
-    stab_tok = F.softplus(-tok - config.slime_delta).pow(config.slime_power)
     num_pairs = pair_losses.numel()
-    if stats.rejected_token_mask is not None:
-        mask = stats.rejected_token_mask
-        # where(), not a product: unmasked tokens (prompt, padding) may hold any value.
+    mask = stats.rejected_token_mask
+    if mask is not None:
+        # Unmasked tokens (prompt, padding, padded-vocab labels) may hold any value, -inf
+        # included: replace them before softplus, or its backward computes 0 * inf = NaN.
+        tok = torch.where(mask > 0, tok, torch.zeros_like(tok))
+    stab_tok = F.softplus(-tok - config.slime_delta).pow(config.slime_power)
+    if mask is not None:
         stab_tok = torch.where(mask > 0, stab_tok * mask, torch.zeros_like(stab_tok))
         n_tok = mask.sum()
     else:
@@ -439,7 +455,7 @@ def slime_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     token_term = config.slime_lambda_l * ppt * stab_tok.sum()
 
     loss_sum = pair_losses.sum() + token_term
-    metrics = _reference_free_metrics(stats, config)
+    metrics = _reference_free_metrics(stats, config.beta)
     metrics["slime/anchor"] = anchor.detach()
     metrics["slime/margin"] = margin.detach()
     share = token_term.detach() / max(num_pairs, 1)
@@ -460,7 +476,7 @@ def simpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     lbar_w = _avg(stats.chosen_logps, stats.chosen_lengths)
     lbar_l = _avg(stats.rejected_logps, stats.rejected_lengths)
     losses = -F.logsigmoid(config.beta * (lbar_w - lbar_l) - config.simpo_gamma)
-    return _output(losses, _reference_free_metrics(stats, config))
+    return _output(losses, _reference_free_metrics(stats, config.beta))
 
 
 # Keeps lbar strictly below 0 so log(1 - exp(lbar)) stays finite when p -> 1.
@@ -493,7 +509,8 @@ def orpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     nll = -lbar_w
     ratio_loss = -F.logsigmoid(log_odds)
     losses = nll + config.orpo_lambda * ratio_loss
-    metrics = _reference_free_metrics(stats, config)
+    # TRL's ORPO trainer scales its rewards by its beta, which is this lambda.
+    metrics = _reference_free_metrics(stats, config.orpo_lambda)
     metrics["orpo/log_odds"] = log_odds.detach()
     metrics["orpo/nll"] = nll.detach()
     return _output(losses, metrics)
@@ -502,7 +519,7 @@ def orpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
 def sft_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     """Supervised fine-tuning on the chosen response: ``L = -lbar_w`` (per-token NLL)."""
     losses = -_avg(stats.chosen_logps, stats.chosen_lengths)
-    return _output(losses, _reference_free_metrics(stats, config))
+    return _output(losses, _reference_free_metrics(stats, config.beta))
 
 
 # --------------------------------------------------------------------------- #

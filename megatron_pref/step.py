@@ -112,7 +112,8 @@ def preference_loss_func(output_tensor, micro: MicroBatch, loss_name: str, loss_
     from megatron_pref.losses import compute_loss
 
     stats = pair_statistics(output_tensor, micro.pack, true_vocab_size, chunk_tokens)
-    # check_values=False: value checks sync with the device; the data pipeline guarantees them.
+    # check_values=False: value checks sync with the device; the data pipeline guarantees them
+    # (every response has a scored token: pairs without prompt tokens are skipped).
     out = compute_loss(loss_name, pair_stats_for_loss(stats, micro), loss_config, check_values=False)
     num_pairs = torch.tensor(micro.pack.pair_ids.numel(), dtype=torch.int, device=out.loss_sum.device)
     metric_sums = {name: value.detach().float().sum() for name, value in out.metrics.items()}

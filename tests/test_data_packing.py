@@ -254,6 +254,20 @@ def test_loader_skips_and_truncates_counted():
             assert p.num_real_tokens <= 64
 
 
+def test_loader_skips_pairs_without_prompt_tokens():
+    """Datasets preprocessed before such pairs were skipped: the loader drops them, or a
+    one-token response would enter the loss with zero scored tokens."""
+    rng = np.random.default_rng(0)
+    pairs = [make_pair(rng) for _ in range(8)]
+    pairs.append(TokenizedPair(np.array([], dtype=np.int64), np.array([EOS]), np.array([6, EOS])))
+    ld = PackedPairLoader(InMemoryPreferenceDataset(pairs), 64, 8)
+    assert ld.stats.skipped["empty_prompt"] == 1 and ld.stats.usable_pairs == 8
+    assert 8 not in ld.source.usable
+    # Control: the scored tokens of that pair's chosen response really are zero.
+    pack = build_packed_batch([pairs[8]])
+    assert float(pack.loss_mask[: int(pack.cu_seqlens[1])].sum()) == 0.0
+
+
 def test_packed_equals_padded():
     ds = make_dataset(40)
     packs = PackedPairLoader(ds, 100, 40, pad_multiple=16).next_global_batch()

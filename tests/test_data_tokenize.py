@@ -143,6 +143,20 @@ def test_tokenizer_path_errors(tmp_path):
         build_tokenizer("SentencePieceTokenizer", str(tmp_path))
 
 
+def test_pair_without_prompt_tokens_is_skipped(sp):
+    """No prompt and no BOS: nothing predicts the first response token, so a one-token
+    response would have no log-prob at all (its per-token average 0/0)."""
+    stats = ProcessStats()
+    row = {"prompt": "", "chosen": "12", "rejected": "13"}
+    assert process_row(row, "x.jsonl:1", sp, ProcessOptions(add_bos=False), stats) is None
+    assert stats.skipped["empty_prompt"] == 1 and stats.pairs == 0
+    with pytest.raises(DataError, match=r"x.jsonl:1: no prompt tokens and no BOS.*\(--strict\)"):
+        process_row(row, "x.jsonl:1", sp, ProcessOptions(add_bos=False, strict=True), ProcessStats())
+    # Control: the same row with a BOS has a token before the response and is kept.
+    kept = process_row(row, "x.jsonl:1", sp, ProcessOptions(), stats)
+    assert kept is not None and kept.prompt_ids.tolist() == [sp.bos_id]
+
+
 def test_hh_row_end_to_end(sp_text):
     conv = "\n\nHuman: what is one plus one?\n\nAssistant:"
     stats = ProcessStats()

@@ -214,6 +214,17 @@ def test_spo_extreme_inversion_is_finite_and_continuous():
     assert loss[3].item() == pytest.approx(5 * math.exp(5) + 1 / E, rel=1e-6)  # exact above floor
 
 
+def test_spo_default_floor_bounds_the_push_on_inverted_pairs():
+    """Exact exponential push down to z = -5 (|f'| = 6e^5), constant below: a pair at z = -50
+    pushes like one at -5, not 51e^50 times harder than one at z = 0."""
+    z = torch.tensor([-50.0, -5.0, -4.0, 0.0], dtype=T, requires_grad=True)
+    SPO_SHAPES["exp"](z, LossConfig()).sum().backward()
+    assert z.grad[0].item() == pytest.approx(-6 * math.exp(5), rel=1e-12)
+    assert z.grad[1].item() == pytest.approx(-6 * math.exp(5), rel=1e-12)
+    assert z.grad[2].item() == pytest.approx(-5 * math.exp(4), rel=1e-12)  # exact above the floor
+    assert z.grad[3].item() == pytest.approx(-1.0, rel=1e-12)
+
+
 def test_spo_shape_is_swappable():
     stats = ref_stats([3.0])
     out = spo_loss(stats, LossConfig(beta=1.0), shape=lambda z, c: (z - 1) ** 2)
@@ -376,6 +387,13 @@ def test_orpo_stable_near_probability_one():
         out = compute_loss("orpo", s, LossConfig())
         out.loss_sum.backward()
         assert torch.isfinite(out.pair_losses).all() and torch.isfinite(s.chosen_logps.grad).all()
+    # fp32 at p -> 1: log(1 - p) must be accurate, not only finite. At lbar = -1e-6 the naive
+    # log1p(-exp(x)) is off by ~1e-2 (exp rounds to 1 - 1e-6 +- 6e-8); log1mexp is exact.
+    x = torch.tensor([-1e-6, -0.3, -5.0], dtype=torch.float32)
+    exact = torch.log(-torch.expm1(x.double()))
+    from megatron_pref.losses import _log1mexp
+    torch.testing.assert_close(_log1mexp(x).double(), exact, rtol=1e-6, atol=1e-6)
+    assert (torch.log1p(-torch.exp(x)).double() - exact).abs().max() > 1e-3  # the control
     # small-but-representable case matches the naive formula in double precision
     lw, ll = -1e-3, -1e-4
     naive = -lw + 0.1 * -math.log(sigmoid(
@@ -441,7 +459,7 @@ def test_reference_free_losses_ignore_reference(name):
     assert compute_loss(name, s, LossConfig()).loss_sum.item() == with_ref
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "spo"])
+@pytest.mark.parametrize("name", ["dpo", "hinge", "spo"])
 def test_reference_metrics_are_beta_log_ratios(name):
     beta = 0.2
     s = generic_stats(grad=True)
@@ -456,13 +474,37 @@ def test_reference_metrics_are_beta_log_ratios(name):
     assert all(not v.requires_grad and v.shape == (2,) for v in m.values())
 
 
+def test_ipo_metrics_are_per_token_like_trl():
+    """TRL's DPO trainer averages log-probs per token for IPO: rewards are beta * (lbar -
+    ref_lbar), and their accuracy agrees with the per-token gap IPO regresses."""
+    beta = 0.5
+    # Sequence level the chosen ratio (+2) beats the rejected one (+1); per token it does not
+    # (+0.2 against +0.5), and hbar < 0 says so.
+    s = PairStats(chosen_logps=t(-18.0), rejected_logps=t(-9.0), chosen_lengths=t(10.0), rejected_lengths=t(2.0),
+                  ref_chosen_logps=t(-20.0), ref_rejected_logps=t(-10.0))
+    m = compute_loss("ipo", s, LossConfig(beta=beta)).metrics
+    torch.testing.assert_close(m["rewards/chosen"], t(beta * 0.2))
+    torch.testing.assert_close(m["rewards/rejected"], t(beta * 0.5))
+    torch.testing.assert_close(m["rewards/accuracies"], t(0.0))
+    torch.testing.assert_close(m["logps/chosen"], t(-1.8))
+    torch.testing.assert_close(m["logps/rejected"], t(-4.5))
+    assert m["ipo/hbar"].item() == pytest.approx(-0.3)
+    # Control: DPO on the same pair logs the sequence-level ratios, which call it accurate.
+    assert compute_loss("dpo", s, LossConfig(beta=beta)).metrics["rewards/accuracies"].item() == 1.0
+
+
 @pytest.mark.parametrize("name", ["slime", "simpo", "orpo", "sft"])
-def test_reference_free_metrics_are_beta_avg_logps(name):
-    beta = 2.0
-    m = compute_loss(name, generic_stats(grad=True), LossConfig(beta=beta)).metrics
-    torch.testing.assert_close(m["rewards/chosen"], t(-4.0, -6.0))
-    torch.testing.assert_close(m["rewards/rejected"], t(-9.0, -6.0))
+def test_reference_free_metrics_are_scaled_avg_logps(name):
+    """As TRL's CPO (SimPO) and ORPO trainers: rewards = scale * lbar, logps = lbar; the
+    scale is beta, except ORPO's, which is its lambda (TRL's ORPO beta)."""
+    beta, lam = 2.0, 0.5
+    m = compute_loss(name, generic_stats(grad=True), LossConfig(beta=beta, orpo_lambda=lam)).metrics
+    scale = lam if name == "orpo" else beta
+    torch.testing.assert_close(m["rewards/chosen"], scale * t(-2.0, -3.0))
+    torch.testing.assert_close(m["rewards/rejected"], scale * t(-4.5, -3.0))
     torch.testing.assert_close(m["rewards/accuracies"], t(1.0, 0.0))  # tie is not accurate
+    torch.testing.assert_close(m["logps/chosen"], t(-2.0, -3.0))
+    torch.testing.assert_close(m["logps/rejected"], t(-4.5, -3.0))
     assert all(not v.requires_grad and v.shape == (2,) for v in m.values())
 
 
@@ -557,6 +599,12 @@ def test_slime_masked_token_form_equals_flat_form():
     want = compute_loss("slime", flat, cfg).loss_sum
     got = compute_loss("slime", masked, cfg).loss_sum
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    # The -inf junk must not reach the gradient either (softplus' backward at -inf is 0 * inf).
+    grad_tokens = padded.clone().requires_grad_(True)
+    with_grad = dataclasses.replace(masked, rejected_token_logps=grad_tokens)
+    compute_loss("slime", with_grad, cfg).loss_sum.backward()
+    assert torch.isfinite(grad_tokens.grad).all() and (grad_tokens.grad[mask == 0] == 0).all()
+    assert (grad_tokens.grad[mask > 0] != 0).all()
     # Negative control: without the mask the junk tokens change the loss.
     unmasked = dataclasses.replace(masked, rejected_token_mask=None, rejected_lengths=flat.rejected_lengths)
     assert not torch.isclose(compute_loss("slime", unmasked, cfg, check_values=False).loss_sum, want)

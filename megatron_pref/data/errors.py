@@ -26,10 +26,11 @@ class SkipPair(Exception):
 SKIP_REASONS = (
     "empty_chosen",
     "empty_rejected",
+    "empty_prompt",
     "identical",
     "too_long",
     "identical_after_truncation",
 )
 # Reasons that --strict turns into errors (they are problems of the data, not
 # of the length budget).
-STRICT_REASONS = ("empty_chosen", "empty_rejected", "identical")
+STRICT_REASONS = ("empty_chosen", "empty_rejected", "empty_prompt", "identical")

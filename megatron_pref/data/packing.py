@@ -333,6 +333,12 @@ class PairSource:
         new, fits, truncated = plan_lengths(lengths, seq_length, max_prompt_length)
         self.stats = LoaderStats(dataset_pairs=len(lengths))
         self.stats.skipped["too_long"] = int((~fits).sum())
+        # No prompt token (and no BOS): the first response token cannot be scored. Preprocessing
+        # skips such pairs already; datasets written before it did are filtered here.
+        no_prompt = fits & (lengths[:, 0] == 0)
+        if no_prompt.any():
+            fits &= ~no_prompt
+            self.stats.skipped["empty_prompt"] = int(no_prompt.sum())
         # responses cut to a common cap may become identical: check those pairs
         cut = fits & ((new[:, 1] < lengths[:, 1]) | (new[:, 2] < lengths[:, 2]))
         n_ident = 0

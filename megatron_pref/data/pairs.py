@@ -218,6 +218,11 @@ def process_row(
             raise SkipPair("empty_chosen", f"{where}: empty chosen response")
         if len(r) == 0:
             raise SkipPair("empty_rejected", f"{where}: empty rejected response")
+        if len(p) == 0:
+            # Nothing precedes the first response token, so it cannot be scored: a one-token
+            # response would have no log-prob at all (0/0 in per-token averages).
+            raise SkipPair("empty_prompt", f"{where}: no prompt tokens and no BOS: the first response "
+                                           "token has nothing to predict it")
         pair, truncated = apply_length_policy(
             pair, options.seq_length, options.max_prompt_length, tokenizer.bos_id
         )

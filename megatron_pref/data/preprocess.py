@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate prompts from the left to this many tokens and responses from the right "
                    "so that a pair fits --seq-length")
     p.add_argument("--strict", action="store_true",
-                   help="empty or identical chosen/rejected are errors instead of skipped pairs")
+                   help="empty or identical chosen/rejected, and pairs without prompt tokens, are errors instead of skipped pairs")
     p.add_argument("--data-field-map", default=None, metavar="OLD=NEW[,OLD=NEW...]",
                    help="rename input fields, e.g. question=prompt,response_j=chosen,response_k=rejected")
     p.add_argument("--no-bos", action="store_true", help="do not start prompts with BOS")
