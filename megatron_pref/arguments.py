@@ -139,7 +139,7 @@ def _model_flag_names() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from megatron_pref.losses import LOSSES, LossConfig
 
-    p = argparse.ArgumentParser(
+    p = _FlagParser(
         prog="pretrain_pref.py",
         description="Preference optimisation (DPO family, SPO, SLIME) on megatron-core. "
                     "With no data flags, trains a tiny GPT on the bundled demo task.")
@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints its usage and the message; we print one line
+        raise ConfigError(f"{message} (see --help)")
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -302,12 +307,30 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     _check(args.train_epochs is None or args.train_epochs > 0, "--train-epochs must be > 0")
     _check(args.train_iters is None or args.train_epochs is None, "give --train-iters or --train-epochs, not both")
     _check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    _check(args.lr is None or args.min_lr <= args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0.0 <= getattr(args, name) < 1.0, f"{_flag(name)} must be in [0, 1), got {getattr(args, name)}")
+    model_ranges = {"norm_epsilon": ("> 0", lambda v: v > 0), "init_method_std": ("> 0", lambda v: v > 0),
+                    "rope_scaling_factor": ("> 0", lambda v: v > 0), "rotary_percent": ("in (0, 1]", lambda v: 0 < v <= 1),
+                    "hidden_dropout": ("in [0, 1)", lambda v: 0 <= v < 1), "attention_dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for name, (allowed, ok) in model_ranges.items():
+        value = explicit.get(name)
+        _check(value is None or (math.isfinite(value) and ok(value)), f"{_flag(name)} must be {allowed}, got {value}")
+    if args.transformer_impl == "transformer_engine":
+        from megatron_pref.model import te_available
+
+        _check(te_available(), "--transformer-impl transformer_engine: Transformer Engine is not importable here "
+                               "(pip install -e '.[gpu]', or use the Docker image)")
     if args.overlap_param_gather:  # as Megatron-LM: the gather is the distributed optimizer's
         _check(args.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
         _check(args.overlap_grad_reduce, "--overlap-param-gather needs --overlap-grad-reduce")
     if args.fp8_format:
         _check(args.transformer_impl != "local", "--fp8-format needs --transformer-impl transformer_engine")
         _check(args.bf16, "--fp8-format needs --bf16 (FP8 GEMMs with bf16 parameters and activations)")
+    if demo:  # the bundled demo brings its own data and tokenizer: these would be ignored
+        for name in ("valid_data_path", "tokenizer_type", "tokenizer_model", "data_field_map"):
+            _check(getattr(args, name) is None, f"{_flag(name)} needs --data-path (without it the bundled demo "
+                                                "task and its tokenizer are used)")
     if args.tokenizer_model is None and args.load and os.path.isdir(os.path.join(args.load, "tokenizer")):
         # A converted checkpoint carries its Hugging Face tokenizer.
         args.tokenizer_model = os.path.join(args.load, "tokenizer")
@@ -325,13 +348,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         _check(os.path.isdir(args.ref_load), f"--ref-load {args.ref_load}: no such directory")
     if args.ref_load and not _loss_requires_reference(args.loss):
         raise ConfigError(f"--ref-load is set but --loss {args.loss} is reference-free")
+    _check_output_locations(args)
 
     vpp = None
-    if args.num_layers_per_virtual_pipeline_stage:
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage, pp = args.num_layers_per_virtual_pipeline_stage, args.pipeline_model_parallel_size
+        _check(per_stage >= 1, f"--num-layers-per-virtual-pipeline-stage must be >= 1, got {per_stage}")
+        _check(pp > 1, "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1 "
+                       "(virtual stages interleave pipeline stages)")
         layers = explicit.get("num_layers") or (DEMO_MODEL["num_layers"] if demo and not args.load else None)
         if layers is None:
             raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --num-layers")
-        vpp = layers // (args.pipeline_model_parallel_size * args.num_layers_per_virtual_pipeline_stage)
+        _check(layers % (pp * per_stage) == 0,
+               f"--num-layers {layers} is not divisible by --pipeline-model-parallel-size {pp} x "
+               f"--num-layers-per-virtual-pipeline-stage {per_stage}")
+        vpp = layers // (pp * per_stage)
+        vpp = vpp if vpp > 1 else None  # one virtual stage per rank is the plain 1F1B schedule
 
     return RunConfig(
         model=ModelConfig(vocab_size=1),  # resolved later from the tokenizer / checkpoint
@@ -381,6 +413,27 @@ def _loss_requires_reference(name: str) -> bool:
     from megatron_pref.losses import requires_reference
 
     return requires_reference(name)
+
+
+def _check_output_locations(args) -> None:
+    """Directories and files the run writes must be writable now, not after hours of training."""
+    from megatron_pref.cli_errors import check_output_dir, check_output_file
+
+    directories = {"save": args.save, "tensorboard_dir": args.tensorboard_dir, "ref_cache_dir": args.ref_cache_dir,
+                   "wandb_save_dir": args.wandb_save_dir}
+    problems = [check_output_dir(path, _flag(name)) for name, path in directories.items() if path is not None]
+    if args.metrics_file is not None:
+        problems.append(check_output_file(args.metrics_file, "--metrics-file"))
+    problem = next((p for p in problems if p), None)
+    _check(problem is None, problem or "")
+    if args.wandb_project and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--wandb-project needs wandb (pip install -e '.[logging]')") from None
+        _check(bool(wandb.login(prompt=False, verify=False)),
+               "--wandb-project: no wandb API key (run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline "
+               "to log locally and `wandb sync` later)")
 
 
 def _data_path_exists(path: str) -> bool:

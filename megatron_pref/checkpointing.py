@@ -18,6 +18,7 @@ loads at another. RNG states are per rank and are restored only when the layout 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from megatron_pref.atomic import write_json_atomic, write_text_atomic
 from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, TOKENIZER_DIR,
                                                  copy_tokenizer, iteration_name, load_sharded, read_checkpoint_metadata)
+from megatron_pref.convert.checkpoint_io import read_model_config as _stored_model_config
 from megatron_pref.model import ModelConfig, unwrap_model
 
 TMP_SUFFIX = ".tmp"
@@ -107,15 +109,18 @@ def _restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def latest_iteration_dir(load_dir) -> Optional[Path]:
+def latest_iteration_dir(load_dir, flag: str = "--load") -> Optional[Path]:
     """The complete checkpoint ``latest`` names, or None when there is none."""
     latest = Path(load_dir) / LATEST_FILE
     if not latest.is_file():
         return None
-    name = latest.read_text().strip()
+    try:
+        name = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{flag} {load_dir}: cannot read {LATEST_FILE}: {exc}") from None
     path = Path(load_dir) / name
-    if not path.is_dir():
-        raise CheckpointError(f"{latest} names {name}, which does not exist")
+    if not name or not path.is_dir():
+        raise CheckpointError(f"{flag} {load_dir}: {LATEST_FILE} names {name!r}, which does not exist")
     return path
 
 
@@ -305,12 +310,11 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
     return final
 
 
-def read_model_config(load_dir) -> ModelConfig:
+def read_model_config(load_dir, flag: str = "--load") -> ModelConfig:
     try:
-        metadata = read_checkpoint_metadata(load_dir)
-        return ModelConfig.from_dict(metadata["model"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"--load {load_dir}: {exc}") from None
+        return _stored_model_config(load_dir)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{flag} {load_dir}: {exc}") from None
 
 
 def read_train_state(load_dir) -> Optional[dict]:
@@ -322,18 +326,33 @@ def read_train_state(load_dir) -> Optional[dict]:
 def _common_state_at(path: Path) -> dict:
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    except Exception as exc:  # a truncated or foreign common.pt: whatever torch.load raises
+        raise CheckpointError(f"{path}/common.pt cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return common if isinstance(common, dict) else {}
 
 
-def validate_checkpoint_dir(load_dir) -> Path:
-    """Cheap checks before any model is built: one clear line on a bad --load."""
-    path = latest_iteration_dir(load_dir)
+# What megatron-core's torch_dist format writes into every checkpoint directory.
+_DIST_CHECKPOINT_FILES = ("metadata.json", ".metadata", "common.pt")
+
+
+def validate_checkpoint_dir(load_dir, flag: str = "--load") -> Path:
+    """Cheap checks before any model is built: one clear line on a bad --load / --ref-load."""
+    path = latest_iteration_dir(load_dir, flag)
     if path is None:
-        raise CheckpointError(f"--load {load_dir}: no '{LATEST_FILE}' file; not a checkpoint directory")
-    read_model_config(load_dir)
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"--load {load_dir}: {path.name} is not a complete dist checkpoint")
+        raise CheckpointError(f"{flag} {load_dir}: no '{LATEST_FILE}' file; not a checkpoint directory")
+    read_model_config(load_dir, flag)
+    for name in _DIST_CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{flag} {load_dir}: {path.name} is not a complete dist checkpoint (no {name})")
+    try:
+        metadata = json.loads((path / "metadata.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{flag} {load_dir}: {path.name}/metadata.json: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{flag} {load_dir}: {path.name}/metadata.json is not a JSON object")
     return path
 
 

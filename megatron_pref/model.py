@@ -79,10 +79,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
+        if not isinstance(values, dict):
+            raise ValueError(f"the model config is a {type(values).__name__}, not a mapping")
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(known)
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
+        for name, value in values.items():  # a hand-edited file must fail here, not deep in a build
+            # rotary_base: converted from HF's float rope_theta, an int when it is whole.
+            expected = "float" if name == "rotary_base" else known[name].replace("Optional[", "").rstrip("]")
+            optional = known[name].startswith("Optional[")
+            if value is None and optional:
+                continue
+            ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}[expected](value)
+            if not ok:
+                raise ValueError(f"model config field {name} = {value!r} is not a{'n' if expected == 'int' else ''} "
+                                 f"{expected}")
         return cls(**values)
 
 

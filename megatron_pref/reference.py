@@ -106,7 +106,9 @@ def load_cached_table(cache_dir, key: dict, num_pairs: int) -> Optional[np.ndarr
         return None
     try:
         stored = json.loads(key_path.read_text())
-    except ValueError:
+    except (OSError, ValueError):
+        stored = None
+    if not isinstance(stored, dict):
         logger.warning("reference log-probs: unreadable cache key %s, recomputing", key_path)
         return None
     differing = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
@@ -114,7 +116,11 @@ def load_cached_table(cache_dir, key: dict, num_pairs: int) -> Optional[np.ndarr
         logger.warning("reference log-probs: cache in %s is stale (%s changed), recomputing",
                        cache_dir, ", ".join(differing))
         return None
-    table = np.load(table_path)
+    try:
+        table = np.load(table_path)
+    except (OSError, ValueError, EOFError) as exc:  # e.g. truncated by a full disk
+        logger.warning("reference log-probs: unreadable cache table %s (%s), recomputing", table_path, exc)
+        return None
     if table.shape != (num_pairs, 2):
         logger.warning("reference log-probs: cache shape %s != (%d, 2), recomputing", table.shape, num_pairs)
         return None

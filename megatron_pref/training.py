@@ -73,7 +73,6 @@ def _expand(path: str) -> list:
 def build_data(run: RunConfig) -> DataBundle:
     """Tokenizer and datasets (memory-mapped or tokenised in memory). Errors are DataError."""
     from megatron_pref.data import demo_task
-    from megatron_pref.data.datasets import open_preference_dataset
     from megatron_pref.data.tokenizer import build_tokenizer
 
     data = run.data
@@ -85,22 +84,38 @@ def build_data(run: RunConfig) -> DataBundle:
         tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
         train_files, valid_files = data.data_path, data.valid_data_path
         tokenizer_path = data.tokenizer_model
-    kwargs = {}
-    raw = all(str(p).lower().endswith((".jsonl", ".json", ".parquet")) for p in train_files)
-    if raw:
-        kwargs = dict(strict=data.strict, field_map=data.data_field_map) if not data.uses_demo else {}
-    train = open_preference_dataset(train_files if raw else train_files[0], tokenizer, **kwargs)
-    valid = None
-    if valid_files:
-        valid_raw = all(str(p).lower().endswith((".jsonl", ".json", ".parquet")) for p in valid_files)
-        valid = open_preference_dataset(valid_files if valid_raw else valid_files[0], tokenizer,
-                                        **(kwargs if valid_raw else {}))
+    raw_kwargs = {} if data.uses_demo else dict(strict=data.strict, field_map=data.data_field_map)
+    train = _open_split(train_files, tokenizer, raw_kwargs, "--data-path")
+    valid = _open_split(valid_files, tokenizer, raw_kwargs, "--valid-data-path") if valid_files else None
     tokenizer_dir = tokenizer_path if os.path.isdir(tokenizer_path) else None
     return DataBundle(tokenizer, train, valid, _file_fingerprint(train_files),
                       _file_fingerprint(valid_files) if valid_files else None,
                       _file_fingerprint([tokenizer_path] if os.path.isfile(tokenizer_path) else
                                         [str(p) for p in sorted(Path(tokenizer_path).glob("*")) if p.is_file()]),
                       tokenizer_dir)
+
+
+def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str):
+    """One split: raw files (tokenised now, with --strict / --data-field-map) or preprocessed
+    prefixes (read one after the other). Errors are DataError naming ``flag``."""
+    from megatron_pref.data.datasets import is_raw_data_file, open_preference_dataset
+    from megatron_pref.data.errors import DataError
+
+    if not all(is_raw_data_file(p) for p in paths):
+        flags = {"strict": "--strict", "field_map": "--data-field-map"}
+        used = [flags[name] for name, value in raw_kwargs.items() if value]
+        if used:  # preprocessing applied them (or not): silently ignoring them here would mislead
+            raise DataError(f"{' and '.join(used)}: for raw .jsonl/.parquet files only, and {flag} "
+                            f"{' '.join(map(str, paths))} names preprocessed data (give "
+                            f"{'it' if len(used) == 1 else 'them'} to tools/preprocess_pref_data.py instead)")
+        return open_preference_dataset(paths, tokenizer)
+    dataset = open_preference_dataset(paths, tokenizer, **raw_kwargs)
+    stats = getattr(dataset, "stats", None)
+    if stats is not None and stats.num_skipped:
+        logger.info("%s: tokenised %s", flag, stats.summary())
+    if len(dataset) == 0:
+        raise DataError(f"{flag}: no usable pairs ({stats.summary() if stats is not None else 'empty'})")
+    return dataset
 
 
 def metric_names(loss_name: str, loss_config) -> list:
@@ -127,6 +142,22 @@ def _check_optimizer_resume_early(run: RunConfig, world_size: int) -> None:
     problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout, bucket_size)
     if problem:
         raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
+
+
+def _check_reference_architecture(ref_load: str, policy, check_vocab: bool = False) -> None:
+    """The reference is built with the policy's architecture and loads its weights, so the two
+    must agree: a mismatch is one line now, not a failed load after the data (or, for RoPE
+    settings, silently different reference log-probs). Training-only fields may differ; the
+    vocabulary is checked once the tokenizer has given it (``check_vocab``)."""
+    ignored = {"hidden_dropout", "attention_dropout", "init_method_std"} | (set() if check_vocab else {"vocab_size"})
+    if policy.position_embedding_type == "rope":
+        ignored.add("max_position_embeddings")  # no weights, no effect on RoPE
+    reference = read_model_config(ref_load, flag="--ref-load").to_dict()
+    differing = [f"{name} {reference[name]} != {value}" for name, value in policy.to_dict().items()
+                 if name not in ignored and reference.get(name) != value]
+    if differing:
+        raise CheckpointError(f"--ref-load {ref_load} has another architecture than the policy: "
+                              + ", ".join(differing[:5]))
 
 
 def check_fp8_support(precision) -> None:
@@ -309,7 +340,7 @@ def train(run: RunConfig) -> dict:
         validate_checkpoint_dir(run.checkpoint.load)
         checkpoint_model = read_model_config(run.checkpoint.load)
     if run.reference.ref_load:
-        validate_checkpoint_dir(run.reference.ref_load)
+        validate_checkpoint_dir(run.reference.ref_load, flag="--ref-load")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if run.checkpoint.load and not run.checkpoint.no_load_optim:
         _check_optimizer_resume_early(run, world_size)
@@ -320,9 +351,15 @@ def train(run: RunConfig) -> dict:
     if run.precision.fp8_format:
         check_fp8_support(run.precision)
     try:
-        run.parallel.validate_for(resolve_model_config(run, None, checkpoint_model), world_size)
+        architecture = resolve_model_config(run, None, checkpoint_model)
+        run.parallel.validate_for(architecture, world_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if architecture.position_embedding_type == "learned_absolute" and run.data.seq_length > architecture.max_position_embeddings:
+        raise ConfigError(f"--seq-length {run.data.seq_length} exceeds the model's {architecture.max_position_embeddings} "
+                          "learned positions (--max-position-embeddings): lower --seq-length")
+    if run.reference.ref_load:
+        _check_reference_architecture(run.reference.ref_load, architecture)
     data_parallel_size = world_size // (run.parallel.tensor_model_parallel_size *
                                          run.parallel.pipeline_model_parallel_size)
     if run.optim.global_batch_size % data_parallel_size:
@@ -330,6 +367,8 @@ def train(run: RunConfig) -> dict:
                           f"data-parallel size {data_parallel_size}")
     data = build_data(run)
     model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
+    if run.reference.ref_load:
+        _check_reference_architecture(run.reference.ref_load, model_cfg, check_vocab=True)
     use_thd = run.precision.transformer_impl == "transformer_engine"
 
     # --- Process groups --------------------------------------------------------------------
@@ -375,6 +414,9 @@ def train(run: RunConfig) -> dict:
             state = loaded
             logger.info("resuming from %s at step %d (%d pairs consumed)", run.checkpoint.load,
                         state.iteration, state.consumed_pairs)
+            if state.iteration >= train_iters:
+                logger.warning("the checkpoint is at step %d and --train-iters is %d: nothing to train, "
+                               "evaluating only", state.iteration, train_iters)
     train_loader.consumed_pairs = state.consumed_pairs
 
     # --- Reference log-probs ------------------------------------------------------------------

@@ -492,9 +492,13 @@ def init_single_rank(device: str, seed: int) -> None:
     from megatron_pref.model import ParallelConfig
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible")
+        from megatron_pref.cli_errors import exit_with_error
+
+        exit_with_error("--device cuda but no CUDA device is visible")
     if int(os.environ["WORLD_SIZE"]) != 1:
-        raise SystemExit("error: the benchmark runs on one rank (WORLD_SIZE=1)")
+        from megatron_pref.cli_errors import exit_with_error
+
+        exit_with_error("the benchmark runs on one rank (WORLD_SIZE=1)")
     parallel.initialize(ParallelConfig(), seed)
 
 
@@ -788,7 +792,9 @@ def write_result(path: str, result: dict, complete: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    from megatron_pref.cli_errors import OneLineArgumentParser
+
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="1b")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
@@ -822,32 +828,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from megatron_pref.cli_errors import check_output_dir, check_output_file, exit_with_error
+
     args = build_parser().parse_args(argv)
+    # Every flag and output path is checked here, before any model is built: one line, exit 2.
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = sorted(set(configs) - set(CONFIG_NAMES))
     if unknown:
-        raise SystemExit(f"error: unknown --configs {unknown}; choose from {list(CONFIG_NAMES)}")
+        exit_with_error(f"unknown --configs {unknown}; choose from {list(CONFIG_NAMES)}")
+    if not configs:
+        exit_with_error(f"--configs {args.configs!r} selects no configuration; choose from {list(CONFIG_NAMES)}")
+    repeated = sorted({c for c in configs if configs.count(c) > 1})
+    if repeated:
+        exit_with_error(f"--configs lists {', '.join(repeated)} more than once")
     if args.steps < 1 or args.warmup < 0:
-        raise SystemExit("error: --steps must be >= 1 and --warmup >= 0")
+        exit_with_error("--steps must be >= 1 and --warmup >= 0")
     for flag, value in (("--pairs", args.pairs), ("--num-layers", args.num_layers),
                         ("--profile-steps", args.profile_steps), ("--logprob-chunk-tokens", args.logprob_chunk_tokens),
                         ("--micro-pairs", args.micro_pairs)):
         if value is not None and value < 1:
-            raise SystemExit(f"error: {flag} must be >= 1, got {value}")
+            exit_with_error(f"{flag} must be >= 1, got {value}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        exit_with_error(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    if args.out is not None:
+        problem = check_output_file(args.out, "--out")
+        if problem:
+            exit_with_error(problem)
+    if args.profile is not None:
+        problem = check_output_dir(args.profile, "--profile")
+        if problem:
+            exit_with_error(problem)
     if args.device == "cpu":
         # The CPU layer (megatron_pref.cpu) refuses to run beside a visible GPU: hide it first.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        exit_with_error("--device cuda but no CUDA device is visible")
     out = args.out or os.path.join("runs", f"benchmark_pref-{args.preset}-{device}.json")
+    problem = check_output_file(out, "--out")
+    if problem:
+        exit_with_error(problem)
     out_dir = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(out_dir, exist_ok=True)
+        if args.profile is not None:
+            os.makedirs(args.profile, exist_ok=True)
     except OSError as exc:
-        raise SystemExit(f"error: --out {out}: cannot create {out_dir}: {exc.strerror}")
-    if not os.access(out_dir, os.W_OK):
-        raise SystemExit(f"error: --out {out}: {out_dir} is not writable")
+        exit_with_error(f"cannot create {exc.filename}: {exc.strerror}")
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     init_single_rank(device, args.seed)
 

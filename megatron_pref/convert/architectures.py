@@ -8,13 +8,12 @@ reproduce exactly is refused with a :class:`ConversionError` naming the config f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megatron_pref.convert.errors import ConversionError
+from megatron_pref.convert.errors import ConversionError, read_json_object
 from megatron_pref.model import ModelConfig
 
 # model_type -> the transformers class name written in config.json "architectures".
@@ -49,17 +48,26 @@ def read_config_json(hf_dir: Path) -> dict:
         raise ConversionError(f"--hf-dir {hf_dir} is not a directory")
     if not path.is_file():
         raise ConversionError(f"no config.json in {hf_dir}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"cannot parse {path}: {exc}") from None
+    return read_json_object(path)
+
+
+def architectures_of(raw: dict) -> list:
+    """config.json's "architectures" as a list (a single string is accepted as a one-item list)."""
+    archs = raw.get("architectures")
+    if archs is None:
+        return []
+    if isinstance(archs, str):
+        return [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConversionError(f"config.json \"architectures\" must be a list of class names, got {archs!r}")
+    return archs
 
 
 def detect_model_type(raw: dict) -> str:
     """The supported model_type of a raw config.json, or a ConversionError listing them."""
     model_type = raw.get("model_type")
-    archs = raw.get("architectures") or []
-    if model_type in SUPPORTED:
+    archs = architectures_of(raw)
+    if isinstance(model_type, str) and model_type in SUPPORTED:
         if archs and archs[0] != SUPPORTED[model_type]:
             raise ConversionError(
                 f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); only the causal-LM "
@@ -77,7 +85,7 @@ def load_hf_config(hf_dir: Path):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(hf_dir))
+        config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
     except Exception as exc:  # transformers validation messages are informative
         raise ConversionError(f"transformers cannot read {Path(hf_dir) / 'config.json'}: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

@@ -17,7 +17,6 @@ checkpoint loads at any tensor/pipeline parallel size. Vocabulary tensors carry
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_pref.atomic import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
-from megatron_pref.convert.errors import ConversionError
+from megatron_pref.convert.errors import ConversionError, read_json_object
 from megatron_pref.model import ModelConfig, unwrap_model
 
 CONFIG_FILE = "megatron_pref_config.json"
@@ -57,6 +56,34 @@ def _barrier() -> None:
 def tokenizer_files(src_dir) -> list:
     src = Path(src_dir)
     return [src / name for name in TOKENIZER_FILE_NAMES if (src / name).is_file()]
+
+
+# Tokenizer files that are JSON objects (checked before they are copied into a checkpoint).
+_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                         "chat_template.json")
+
+
+def check_tokenizer_files(src_dir) -> None:
+    """Raise ConversionError (one line naming the file) if a tokenizer file of ``src_dir`` is
+    unreadable: ``tokenizer.json`` must load with the ``tokenizers`` library (what the fast
+    tokenizers use), the other JSON files must be JSON objects. Files that are absent are fine."""
+    src = Path(src_dir)
+    if not src.is_dir():
+        return
+    tokenizer_json = src / "tokenizer.json"
+    if tokenizer_json.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(tokenizer_json))
+        except Exception as exc:  # the Rust error: one line is enough
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConversionError(f"cannot load the tokenizer {tokenizer_json}: {first}") from None
+    for name in _TOKENIZER_JSON_FILES:
+        path = src / name
+        if not path.is_file():
+            continue
+        read_json_object(path, "the tokenizer file")
 
 
 def copy_tokenizer(src_dir, dst_dir) -> list:
@@ -108,10 +135,7 @@ def read_checkpoint_metadata(ckpt_dir) -> dict:
     path = Path(ckpt_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConversionError(f"{ckpt_dir} is not a megatron_pref checkpoint (no {CONFIG_FILE})")
-    try:
-        metadata = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"cannot parse {path}: {exc}") from None
+    metadata = read_json_object(path, "the checkpoint config")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise ConversionError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
@@ -120,7 +144,16 @@ def read_checkpoint_metadata(ckpt_dir) -> dict:
 
 def read_model_config(ckpt_dir) -> ModelConfig:
     """The architecture stored with a checkpoint (``--load DIR`` needs no architecture flags)."""
-    return ModelConfig.from_dict(read_checkpoint_metadata(ckpt_dir)["model"])
+    metadata = read_checkpoint_metadata(ckpt_dir)
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not isinstance(metadata.get("model"), dict):
+        raise ConversionError(f"{path} has no \"model\" object")
+    try:
+        cfg = ModelConfig.from_dict(metadata["model"])
+        cfg.validate()
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"bad model config in {path}: {exc}") from None
+    return cfg
 
 
 def resolve_iteration_dir(ckpt_dir, iteration: Optional[int] = None) -> Path:
@@ -158,6 +191,19 @@ def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None) -> d
 EXTRA_STATE_SUFFIX = "_extra_state"
 
 
+def _checkpoint_failure(exc: BaseException) -> str:
+    """The first rank's underlying error: torch DCP's own message only lists the ranks."""
+    failures = getattr(exc, "failures", None) or {}
+    cause = next(iter(failures.values()), None)
+    cause = cause[0] if isinstance(cause, tuple) else cause
+    if not isinstance(cause, BaseException):
+        cause = exc
+    text = str(cause).strip().splitlines()
+    if not text and isinstance(cause, EOFError):
+        text = ["a file of the checkpoint ends early (truncated?)"]
+    return f"{type(cause).__name__}: {text[0]}" if text else type(cause).__name__
+
+
 def load_sharded(request: dict, path, modules: dict, error: type = ConversionError) -> dict:
     """Load the sharded ``request`` from the dist checkpoint ``path``; ``modules`` maps request
     keys to the modules their state goes into. Returns the loaded state dict. Collective.
@@ -176,7 +222,7 @@ def load_sharded(request: dict, path, modules: dict, error: type = ConversionErr
         loaded, _, not_in_checkpoint = dist_checkpointing.load(request, str(path),
                                                                strict=StrictHandling.RETURN_UNEXPECTED)
     except (CheckpointingException, CheckpointException) as exc:  # e.g. a tensor of another shape: one line
-        raise error(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise error(f"{path}: cannot load the checkpoint's tensors ({_checkpoint_failure(exc)})") from None
     lacking = sorted(k for k in not_in_checkpoint if not k.endswith(EXTRA_STATE_SUFFIX))
     if lacking:
         shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
@@ -188,6 +234,22 @@ def load_sharded(request: dict, path, modules: dict, error: type = ConversionErr
             raise error(f"{path}: the state does not fit the model: missing {missing[:5]}, "
                         f"unexpected {list(result.unexpected_keys)[:5]}")
     return loaded
+
+
+def check_dist_checkpoint(ckpt_dir, iteration: Optional[int] = None) -> Path:
+    """Read the tensor metadata (names, shapes; no data) of the checkpoint's iteration directory:
+    ConversionError (one line) if megatron-core cannot. Returns that directory."""
+    from megatron.core import dist_checkpointing
+
+    path = resolve_iteration_dir(ckpt_dir, iteration)
+    try:
+        metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    except Exception as exc:  # a damaged metadata.json / .metadata: megatron-core's own errors vary
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConversionError(f"{path} is not a readable distributed checkpoint: {first}") from None
+    if not metadata:
+        raise ConversionError(f"{path} is a distributed checkpoint without tensors")
+    return path
 
 
 def checkpoint_tensor_dtype(ckpt_dir, key: str = "embedding.word_embeddings.weight") -> torch.dtype:

@@ -8,11 +8,13 @@ Exit status: 0 success, 1 verification above tolerance, 2 bad input or options (
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
+from megatron_pref.cli_errors import OneLineArgumentParser
 from megatron_pref.convert.errors import ConversionError
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -40,15 +42,34 @@ def _run(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
         return EXIT_BAD_INPUT
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _bounded(convert: Callable, ok: Callable, requirement: str, kind: str) -> Callable[[str], float]:
+    """An argparse ``type=``: ``convert(text)``, refused unless ``ok(value)``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not ok(value):  # comparisons with nan are False: refused too
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive = _bounded(int, lambda v: v >= 1, ">= 1", "a whole number")
+_tolerance = _bounded(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", "a number")  # --atol
+_fraction = _bounded(float, lambda v: 0.0 <= v <= 1.0, "a fraction between 0 and 1", "a number")
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def hf_to_megatron_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="convert_hf_to_megatron.py",
         description="Convert a Hugging Face checkpoint (Llama, Mistral, Qwen2, GPT-2; safetensors) into a "
                     "megatron-core distributed checkpoint that pretrain_pref.py --load reads.")
@@ -82,7 +103,7 @@ def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def megatron_to_hf_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="convert_megatron_to_hf.py",
         description="Convert a megatron_pref checkpoint into a Hugging Face directory (config.json, "
                     "safetensors shards with an index, tokenizer).")
@@ -110,7 +131,7 @@ def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="verify_conversion.py",
         description="Run the HF model and the converted megatron-core model in fp32 on a fixed text and "
                     "compare their logits. Exits 1 above tolerance.")
@@ -118,12 +139,16 @@ def verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="megatron_pref checkpoint directory")
     p.add_argument("--tensor-model-parallel-size", type=_positive, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=_positive, default=1)
-    p.add_argument("--atol", type=float, default=1e-4, help="tolerance on max |dlogit| (default 1e-4)")
-    p.add_argument("--min-argmax-agreement", type=float, default=1.0,
-                   help="required fraction of positions with the same argmax (default 1.0)")
-    p.add_argument("--text", default=None, help="text to tokenize (default: a fixed paragraph)")
-    p.add_argument("--random-tokens", type=_positive, default=None,
-                   help="use N fixed pseudo-random token ids instead of text (used when there is no tokenizer)")
+    p.add_argument("--atol", type=_tolerance, default=1e-4, help="tolerance on max |dlogit| (default 1e-4)")
+    p.add_argument("--min-argmax-agreement", type=_fraction, default=1.0,
+                   help="required fraction (0..1) of positions with the same argmax (default 1.0)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", type=_text, default=None,
+                        help="text to tokenize (default: a fixed paragraph); needs a tokenizer in the "
+                             "checkpoint or --hf-dir")
+    source.add_argument("--random-tokens", type=_positive, default=None,
+                        help="use N fixed pseudo-random token ids instead of text (used when there is no "
+                             "tokenizer); at most the model's max_position_embeddings and 4096")
     return p
 
 
@@ -135,7 +160,9 @@ def verify_main(argv: Optional[Sequence[str]] = None) -> int:
                                    args.pipeline_model_parallel_size, atol=args.atol,
                                    min_argmax_agreement=args.min_argmax_agreement, text=args.text,
                                    random_tokens=args.random_tokens)
-        print(f"verify: {result.num_tokens} tokens, TP={args.tensor_model_parallel_size} "
+        cut = (f" (the text's first {result.num_tokens} of {result.truncated_from} tokens: the model's limit)"
+               if result.truncated_from else "")
+        print(f"verify: {result.num_tokens} tokens{cut}, TP={args.tensor_model_parallel_size} "
               f"PP={args.pipeline_model_parallel_size}, fp32")
         print(result.summary())
         verdict = "PASS" if result.passed else "FAIL"

@@ -1,5 +1,8 @@
 """The one exception type the converters raise for bad input or options."""
 
+import json
+from pathlib import Path
+
 
 class ConversionError(ValueError):
     """A problem with the user's input or options, reported as one line (``error: ...``).
@@ -8,3 +11,16 @@ class ConversionError(ValueError):
     Every check that can raise it runs before anything is written. It is a ``ValueError`` so
     callers that treat bad configuration generically (training's ``--load``) catch it too.
     """
+
+
+def read_json_object(path, what: str = "") -> dict:
+    """The JSON object in ``path``, or one ConversionError naming the file (unreadable, not
+    JSON, or JSON that is not an object). ``what`` prefixes the file in the message."""
+    label = f"{what} {path}" if what else str(path)
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot parse {label}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{label} is not a JSON object (got {type(value).__name__})")
+    return value

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from megatron_pref.convert import architectures as arch
-from megatron_pref.convert.checkpoint_io import save_model_checkpoint
+from megatron_pref.convert.checkpoint_io import check_tokenizer_files, save_model_checkpoint
 from megatron_pref.convert.errors import ConversionError
 from megatron_pref.convert.mapping import VOCAB_KEYS, Mapping, mapping_for, te_key, uses_te_names
 from megatron_pref.convert.runtime import (check_output_dir, single_process_parallel_state,
@@ -27,15 +27,22 @@ from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig
 
 
 @dataclass
-class HfToMegatronPlan:
+class HfCheckpoint:
+    """A Hugging Face checkpoint directory that passed every check (headers only, no tensor data)."""
     hf_dir: Path
-    save_dir: Path
     model_type: str
     hf_config: object
     raw_config: dict
     model_cfg: ModelConfig
     mapping: Mapping
     reader: SafetensorsReader
+    expected: dict  # HF tensor name -> shape, as config.json implies
+
+
+@dataclass
+class HfToMegatronPlan(HfCheckpoint):
+    """A checked checkpoint and what to make of it."""
+    save_dir: Path
     dtype: torch.dtype
     target_tp: int
     target_pp: int
@@ -54,25 +61,25 @@ def _resolve_dtype(dtype, hf_config, reader: SafetensorsReader, names) -> torch.
     return torch.float32
 
 
-def plan_hf_to_megatron(hf_dir, save_dir, *, target_tensor_parallel_size: int = 1,
-                        target_pipeline_parallel_size: int = 1, dtype: Optional[str] = None,
-                        force: bool = False, allow_sliding_window_as_full: bool = False,
-                        make_vocab_size_divisible_by: int = 128) -> HfToMegatronPlan:
-    """Every check of the conversion, reading only headers; raises ConversionError, writes nothing."""
+
+
+def inspect_hf_checkpoint(hf_dir, *, make_vocab_size_divisible_by: int = 128,
+                          allow_sliding_window_as_full: bool = False) -> HfCheckpoint:
+    """Check a HF checkpoint directory (never a Hub name): config.json, a supported architecture,
+    safetensors headers that match the config, supported dtypes, a loadable tokenizer. Reads
+    only headers and small files; raises ConversionError (one line)."""
     hf_dir = Path(hf_dir)
     model_type, hf_config = arch.load_hf_config(hf_dir)
-    out = check_output_dir(save_dir, force, protect=[hf_dir])
     raw = arch.read_config_json(hf_dir)
-    model_cfg = arch.model_config_from_hf(model_type, hf_config,
-                                          make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                                          allow_sliding_window_as_full=allow_sliding_window_as_full)
     try:
+        model_cfg = arch.model_config_from_hf(model_type, hf_config,
+                                              make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                                              allow_sliding_window_as_full=allow_sliding_window_as_full)
         model_cfg.validate()
-        ParallelConfig(target_tensor_parallel_size, target_pipeline_parallel_size).validate_for(model_cfg)
-    except ValueError as exc:
-        raise ConversionError(str(exc).replace("--tensor-model-parallel-size", "--target-tensor-parallel-size")
-                              .replace("--pipeline-model-parallel-size", "--target-pipeline-parallel-size")) from None
-
+    except ConversionError:
+        raise
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as exc:  # e.g. a field of the wrong type
+        raise ConversionError(f"{hf_dir / 'config.json'}: {exc}") from None
     reader = SafetensorsReader(hf_dir)
     mapping = mapping_for(model_type, model_cfg, reader.names())
     expected = mapping.hf_shapes()
@@ -93,11 +100,31 @@ def plan_hf_to_megatron(hf_dir, save_dir, *, target_tensor_parallel_size: int = 
     if bad:
         raise ConversionError(f"tensor {bad[0]!r} has dtype {reader.dtypes[bad[0]]}; "
                               f"only fp32/bf16/fp16 checkpoints are supported")
-    window = arch.sliding_window(model_type, hf_config)
+    check_tokenizer_files(hf_dir)
+    return HfCheckpoint(hf_dir=hf_dir, model_type=model_type, hf_config=hf_config, raw_config=raw,
+                        model_cfg=model_cfg, mapping=mapping, reader=reader, expected=expected)
+
+
+def plan_hf_to_megatron(hf_dir, save_dir, *, target_tensor_parallel_size: int = 1,
+                        target_pipeline_parallel_size: int = 1, dtype: Optional[str] = None,
+                        force: bool = False, allow_sliding_window_as_full: bool = False,
+                        make_vocab_size_divisible_by: int = 128) -> HfToMegatronPlan:
+    """Every check of the conversion, reading only headers; raises ConversionError, writes nothing."""
+    hf_dir = Path(hf_dir)
+    arch.load_hf_config(hf_dir)  # the input's basic problems first (missing, unsupported)
+    out = check_output_dir(save_dir, force, protect=[hf_dir])
+    ckpt = inspect_hf_checkpoint(hf_dir, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                                 allow_sliding_window_as_full=allow_sliding_window_as_full)
+    model_cfg = ckpt.model_cfg
+    try:
+        ParallelConfig(target_tensor_parallel_size, target_pipeline_parallel_size).validate_for(model_cfg)
+    except ValueError as exc:
+        raise ConversionError(str(exc).replace("--tensor-model-parallel-size", "--target-tensor-parallel-size")
+                              .replace("--pipeline-model-parallel-size", "--target-pipeline-parallel-size")) from None
+    window = arch.sliding_window(ckpt.model_type, ckpt.hf_config)
     return HfToMegatronPlan(
-        hf_dir=hf_dir, save_dir=out, model_type=model_type, hf_config=hf_config, raw_config=raw,
-        model_cfg=model_cfg, mapping=mapping, reader=reader,
-        dtype=_resolve_dtype(dtype, hf_config, reader, expected),
+        **{f.name: getattr(ckpt, f.name) for f in fields(HfCheckpoint)}, save_dir=out,
+        dtype=_resolve_dtype(dtype, ckpt.hf_config, ckpt.reader, ckpt.expected),
         target_tp=target_tensor_parallel_size, target_pp=target_pipeline_parallel_size,
         sliding_window_as_full=window if window is not None and window < model_cfg.max_position_embeddings
         else None)

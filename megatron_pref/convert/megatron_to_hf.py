@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from megatron_pref.convert import architectures as arch
-from megatron_pref.convert.checkpoint_io import (TOKENIZER_DIR, checkpoint_tensor_dtype, copy_tokenizer,
+from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, TOKENIZER_DIR, check_dist_checkpoint,
+                                                 check_tokenizer_files, checkpoint_tensor_dtype, copy_tokenizer,
                                                  load_model_checkpoint, read_checkpoint_metadata,
                                                  resolve_iteration_dir)
 from megatron_pref.convert.errors import ConversionError
@@ -33,24 +34,30 @@ def convert_megatron_to_hf(load_dir, save_dir, *, force: bool = False, model_typ
     from megatron_pref.model import build_gpt_model
 
     start = time.perf_counter()
+    max_bytes = parse_size(max_shard_size)  # the options first: no reading before a bad flag is reported
+    if dtype not in (None, "auto") and dtype not in arch.DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose bf16 or fp32")
     load_dir = Path(load_dir)
+    if not load_dir.is_dir():
+        raise ConversionError(f"--load {load_dir} is not a directory")
     metadata = read_checkpoint_metadata(load_dir)
+    out = check_output_dir(save_dir, force, protect=[load_dir])
     try:
         cfg = ModelConfig.from_dict(metadata["model"])
         cfg.validate()
     except (KeyError, TypeError, ValueError) as exc:
         raise ConversionError(f"bad model config in {load_dir}: {exc}") from None
     source = metadata.get("source") or {}
+    if not isinstance(source, dict):
+        raise ConversionError(f"{load_dir / CONFIG_FILE}: \"source\" must be a JSON object, got {source!r:.60}")
     model_type = model_type or source.get("model_type") or arch.infer_model_type(cfg)
-    if model_type not in arch.SUPPORTED:
+    if not isinstance(model_type, str) or model_type not in arch.SUPPORTED:
         raise ConversionError(f"unsupported --model-type {model_type!r}; supported: {arch.supported_list()}")
     arch.check_exportable(model_type, cfg)
-    resolve_iteration_dir(load_dir, iteration)
-    out = check_output_dir(save_dir, force, protect=[load_dir])
-    if dtype not in (None, "auto") and dtype not in arch.DTYPES:
-        raise ConversionError(f"--dtype {dtype!r}: choose bf16 or fp32")
-    max_bytes = parse_size(max_shard_size)
+    check_dist_checkpoint(load_dir, iteration)
+    check_tokenizer_files(load_dir / TOKENIZER_DIR)
     base_config = source.get("hf_config") if source.get("model_type") == model_type else None
+    base_config = base_config if isinstance(base_config, dict) else None
 
     with staged_output(out) as tmp, single_process_parallel_state():
         stored = checkpoint_tensor_dtype(resolve_iteration_dir(load_dir, iteration))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_pref.cli_errors import writable_dir_problem
 from megatron_pref.convert.errors import ConversionError
 
 
@@ -63,6 +64,10 @@ def check_output_dir(out_dir, force: bool, protect=()) -> Path:
             raise ConversionError(f"output path {out_dir} exists and is not a directory")
         if any(out.iterdir()) and not force:
             raise ConversionError(f"output directory {out_dir} is not empty (pass --force to replace it)")
+    # The output is staged next to it and renamed: its parent must be (or become) a writable directory.
+    problem = writable_dir_problem(str(out.parent), "output directory", target=str(out_dir))
+    if problem:
+        raise ConversionError(problem)
     return out
 
 

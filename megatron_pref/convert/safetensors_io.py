@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, Optional
@@ -96,14 +97,29 @@ class SafetensorsReader:
         self._open, self._open_name = None, None
 
 
-def parse_size(text: str) -> int:
-    """'5GB' / '500MB' / '1000' -> bytes (decimal units, as transformers uses)."""
-    text = str(text).strip().upper()
-    for suffix, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
-                         ("KB", 10**3), ("B", 1)):
-        if text.endswith(suffix):
-            return int(float(text[: -len(suffix)]) * mult)
-    return int(text)
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """'5GB' / '500MB' / '1000' -> bytes (decimal units, as transformers uses); at least 1 byte.
+
+    Raises ConversionError naming ``flag`` for anything else (garbage, 0, negative, nan, inf).
+    """
+    raw = str(text)
+    upper = raw.strip().upper()
+    number, mult = upper, 1
+    for suffix, m in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                      ("KB", 10**3), ("B", 1)):
+        if upper.endswith(suffix):
+            number, mult = upper[: -len(suffix)].strip(), m
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise ConversionError(f"{flag} {raw!r}: expected a size such as 5GB, 500MB or a number of bytes")
+    size = int(value * mult)
+    if size < 1:
+        raise ConversionError(f"{flag} {raw!r}: must be at least 1 byte")
+    return size
 
 
 class ShardedSafetensorsWriter:

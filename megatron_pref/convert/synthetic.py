@@ -8,7 +8,6 @@ Tensors are generated one at a time and flushed per shard, so memory stays at ab
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -81,7 +80,9 @@ def write_random_llama(out_dir, hidden: int = 2048, layers: int = 16, heads: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from megatron_pref.cli_errors import OneLineArgumentParser, check_output_dir
+
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--hidden-size", type=int, default=2048)
     p.add_argument("--num-layers", type=int, default=16)
@@ -91,6 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--max-shard-bytes", type=int, default=10**9)
     args = p.parse_args(argv)
+    for name, value in vars(args).items():
+        if name != "out" and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    problem = check_output_dir(args.out, "--out")
+    if problem:
+        p.error(problem)
     n = write_random_llama(args.out, args.hidden_size, args.num_layers, args.num_attention_heads,
                            args.num_query_groups, args.ffn_hidden_size, args.vocab_size, args.max_shard_bytes)
     print(f"wrote {args.out}: {n / 1e9:.3f}B parameters")

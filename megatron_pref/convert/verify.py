@@ -3,13 +3,17 @@ chosen TP/PP, CPU gloo ranks) run in fp32 on the same fixed tokens."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_pref.convert.checkpoint_io import TOKENIZER_DIR, load_model_checkpoint, read_model_config
+from megatron_pref.convert.checkpoint_io import (TOKENIZER_DIR, check_dist_checkpoint, check_tokenizer_files,
+                                                 load_model_checkpoint,
+                                                 read_checkpoint_metadata, read_model_config,
+                                                 resolve_iteration_dir)
 from megatron_pref.convert.errors import ConversionError
 
 DEFAULT_TEXT = (
@@ -29,6 +33,7 @@ class VerifyResult:
     argmax_agreement: float
     atol: float
     min_argmax_agreement: float
+    truncated_from: Optional[int] = None  # the text's token count when it was cut to the model's limit
 
     @property
     def passed(self) -> bool:
@@ -55,13 +60,54 @@ def compare_logits(megatron: torch.Tensor, hf: torch.Tensor, atol: float = 1e-4,
                         argmax_agreement=float(agree), atol=atol, min_argmax_agreement=min_argmax_agreement)
 
 
+# Fields of ModelConfig that decide the tensors' shapes and the architecture: the HF model and
+# the checkpoint must agree on them before a comparison means anything (None = the default).
+STRUCTURE_FIELDS = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                    "kv_channels", "ffn_hidden_size", "normalization", "swiglu", "position_embedding_type",
+                    "untie_embeddings_and_output_weights", "add_qkv_bias", "add_bias_linear")
+
+
+def _structure(cfg) -> dict:
+    heads = cfg.num_attention_heads
+    out = {k: getattr(cfg, k) for k in STRUCTURE_FIELDS}
+    out["num_query_groups"] = cfg.num_query_groups or heads
+    out["kv_channels"] = cfg.kv_channels or cfg.hidden_size // heads
+    out["ffn_hidden_size"] = cfg.ffn_hidden_size or 4 * cfg.hidden_size
+    return out
+
+
+def check_same_architecture(hf_cfg, hf_desc: str, ckpt_cfg, ckpt_desc: str) -> None:
+    """Raise ConversionError listing the structural differences of two ModelConfigs, if any."""
+    a, b = _structure(hf_cfg), _structure(ckpt_cfg)
+    if a["position_embedding_type"] == b["position_embedding_type"] == "learned_absolute":  # tables of that many rows
+        a["max_position_embeddings"] = hf_cfg.max_position_embeddings
+        b["max_position_embeddings"] = ckpt_cfg.max_position_embeddings
+    diffs = [f"{k} {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+    if diffs:
+        raise ConversionError(f"the HF model ({hf_desc}) and the checkpoint ({ckpt_desc}) are different "
+                              f"architectures: " + ", ".join(diffs) + " (HF vs checkpoint)")
+
+
+def token_limit(cfg, max_tokens: int = 4096) -> int:
+    return min(max_tokens, cfg.max_position_embeddings)
+
+
 def fixed_tokens(load_dir, hf_dir=None, text: Optional[str] = None, random_tokens: Optional[int] = None,
-                 vocab_size: Optional[int] = None, max_tokens: int = 4096) -> List[int]:
+                 vocab_size: Optional[int] = None, max_tokens: int = 4096, info: Optional[dict] = None) -> List[int]:
     """The verification input: ``text`` (default DEFAULT_TEXT) through the checkpoint's tokenizer,
-    or, with no tokenizer or with ``random_tokens``, fixed pseudo-random ids (seed 1234)."""
+    or, with no tokenizer or with ``random_tokens``, fixed pseudo-random ids (seed 1234).
+
+    Raises ConversionError for ``random_tokens`` beyond the limit (max positions, ``max_tokens``),
+    for an explicit ``text`` without a tokenizer or with fewer than 2 tokens, and for a tokenizer
+    that does not load. A text longer than the limit is cut; ``info["truncated_from"]`` then
+    holds its length.
+    """
     cfg = read_model_config(load_dir)
     vocab_size = vocab_size or cfg.vocab_size
-    limit = min(max_tokens, cfg.max_position_embeddings)
+    limit = token_limit(cfg, max_tokens)
+    if random_tokens is not None and random_tokens > limit:
+        raise ConversionError(f"--random-tokens {random_tokens} is more than this model takes: at most {limit} "
+                              f"(max_position_embeddings {cfg.max_position_embeddings}, cap {max_tokens})")
     if not random_tokens:
         for candidate in (Path(load_dir) / TOKENIZER_DIR, hf_dir):
             if candidate is None or not Path(candidate).is_dir():
@@ -71,10 +117,27 @@ def fixed_tokens(load_dir, hf_dir=None, text: Optional[str] = None, random_token
                 continue
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(candidate))
-            ids = tokenizer(text or DEFAULT_TEXT, add_special_tokens=True)["input_ids"][:limit]
+            check_tokenizer_files(candidate)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(candidate), local_files_only=True)
+            except Exception as exc:  # a broken or incomplete tokenizer directory
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ConversionError(f"cannot load the tokenizer in {candidate}: {first}") from None
+            ids = tokenizer(text or DEFAULT_TEXT, add_special_tokens=True)["input_ids"]
+            if len(ids) > limit and info is not None:
+                info["truncated_from"] = len(ids)
+            ids = ids[:limit]
+            if ids and max(ids) >= vocab_size:
+                raise ConversionError(f"the tokenizer in {candidate} gives token id {max(ids)}, beyond the "
+                                      f"model's vocab_size {vocab_size}")
             if len(ids) >= 2:
                 return [int(i) for i in ids]
+            if text is not None:
+                raise ConversionError(f"--text gives {len(ids)} token(s) with the tokenizer in {candidate}; "
+                                      f"at least 2 are needed")
+        if text is not None:
+            raise ConversionError(f"--text needs a tokenizer, and there is none in {Path(load_dir) / TOKENIZER_DIR} "
+                                  f"or {hf_dir}; use --random-tokens N")
     n = min(random_tokens or DEFAULT_RANDOM_TOKENS, limit)
     g = torch.Generator().manual_seed(1234)
     return torch.randint(0, vocab_size, (n,), generator=g).tolist()
@@ -84,7 +147,12 @@ def hf_logits(hf_dir, tokens: Sequence[int]) -> torch.Tensor:
     """[T, V] fp32 logits of the HF model (eager attention, the reference implementation)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager",
+                                                     local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:  # e.g. tensor data that does not load
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConversionError(f"transformers cannot load the model in {hf_dir}: {first}") from None
     model.eval()
     with torch.no_grad():
         out = model(torch.tensor([list(tokens)])).logits[0].float()
@@ -138,23 +206,77 @@ def megatron_logits(load_dir, tokens: Sequence[int], transformer_impl: str = "lo
     return full[0, :, :cfg.vocab_size].float().cpu()
 
 
-def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                      atol: float = 1e-4, min_argmax_agreement: float = 1.0, text: Optional[str] = None,
-                      random_tokens: Optional[int] = None, tokens: Optional[Sequence[int]] = None) -> VerifyResult:
-    """Compare the two models at TP x PP gloo ranks forked from this process (CPU)."""
+def check_verify_inputs(hf_dir, load_dir, tensor_model_parallel_size: int = 1,
+                        pipeline_model_parallel_size: int = 1):
+    """Every check that needs no model: the HF directory as the converter checks it (never a Hub
+    name), the checkpoint's config and files, the same architecture on both sides, the layout.
+    Returns the checkpoint's ModelConfig; raises ConversionError (one line)."""
+    from megatron_pref.convert.hf_to_megatron import inspect_hf_checkpoint
     from megatron_pref.model import ParallelConfig
-    from megatron_pref.testing import run_on_ranks
 
+    if not Path(load_dir).is_dir():
+        raise ConversionError(f"--load {load_dir} is not a directory")
+    hf = inspect_hf_checkpoint(hf_dir, allow_sliding_window_as_full=True)  # the window shows in the logits
+    hf.reader.close()
     cfg = read_model_config(load_dir)
+    resolve_iteration_dir(load_dir)
+    check_tokenizer_files(Path(load_dir) / TOKENIZER_DIR)
+    source = read_checkpoint_metadata(load_dir).get("source")
+    ckpt_type = source.get("model_type") if isinstance(source, dict) else None
+    check_same_architecture(hf.model_cfg, f"{hf.model_type} in {hf_dir}", cfg,
+                            f"{ckpt_type or 'megatron_pref'} in {load_dir}")
     parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
     try:
         parallel.validate_for(cfg)
     except ValueError as exc:
         raise ConversionError(str(exc)) from None
+    return cfg
+
+
+def _rank_error(exc: RuntimeError) -> Optional[str]:
+    """The message of a ConversionError raised in a forked rank (run_on_ranks reports a traceback)."""
+    marker = ConversionError.__name__ + ": "
+    for line in reversed(str(exc).splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return None
+
+
+def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                      atol: float = 1e-4, min_argmax_agreement: float = 1.0, text: Optional[str] = None,
+                      random_tokens: Optional[int] = None, tokens: Optional[Sequence[int]] = None) -> VerifyResult:
+    """Compare the two models at TP x PP gloo ranks forked from this process (CPU).
+
+    Bad input (directories, mismatched models, options) raises ConversionError before either
+    model is built."""
+    from megatron_pref.model import ParallelConfig
+    from megatron_pref.testing import run_on_ranks
+
+    if not (math.isfinite(atol) and atol >= 0):
+        raise ConversionError(f"--atol must be a finite number >= 0, got {atol}")
+    if not 0.0 <= min_argmax_agreement <= 1.0:
+        raise ConversionError(f"--min-argmax-agreement must be between 0 and 1, got {min_argmax_agreement}")
+    if text is not None and random_tokens is not None:
+        raise ConversionError("--text and --random-tokens are exclusive")
+    cfg = check_verify_inputs(hf_dir, load_dir, tensor_model_parallel_size, pipeline_model_parallel_size)
+    parallel = ParallelConfig(tensor_model_parallel_size, pipeline_model_parallel_size)
+    info: dict = {}
     if tokens is None:
-        tokens = fixed_tokens(load_dir, hf_dir, text=text, random_tokens=random_tokens)
+        tokens = fixed_tokens(load_dir, hf_dir, text=text, random_tokens=random_tokens, info=info)
+    elif len(tokens) > cfg.max_position_embeddings or any(not 0 <= int(t) < cfg.vocab_size for t in tokens):
+        raise ConversionError(f"tokens must be ids below {cfg.vocab_size}, at most {cfg.max_position_embeddings} "
+                              f"of them")
+    check_dist_checkpoint(load_dir)
     reference = hf_logits(hf_dir, tokens)
     world = tensor_model_parallel_size * pipeline_model_parallel_size
-    results = run_on_ranks(megatron_logits, world, parallel, str(load_dir), list(tokens))
+    try:
+        results = run_on_ranks(megatron_logits, world, parallel, str(load_dir), list(tokens))
+    except RuntimeError as exc:
+        message = _rank_error(exc)
+        if message is None:
+            raise
+        raise ConversionError(message) from None
     ours = next(r for r in results if r is not None)
-    return compare_logits(ours, reference, atol=atol, min_argmax_agreement=min_argmax_agreement)
+    result = compare_logits(ours, reference, atol=atol, min_argmax_agreement=min_argmax_agreement)
+    result.truncated_from = info.get("truncated_from")
+    return result

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -183,6 +184,45 @@ class PreferenceDatasetWriter:
                 pass
 
 
+def _pair_index(i, n: int) -> int:
+    """``i`` as a non-negative index below ``n`` (negative counts from the end)."""
+    i = int(i)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError(f"pair index {i} out of range [0, {n})")
+    return i
+
+
+def _open_indexed_dataset(prefix: str, mmap: bool):
+    """megatron-core's IndexedDataset, or one DataError naming the files."""
+    import sys
+
+    idx = _import_indexed_dataset()
+    problem = None
+    unraisable_hook = sys.unraisablehook
+    try:
+        dataset = idx.IndexedDataset(prefix, mmap=mmap)
+        index = dataset.index
+        if len(index.sequence_lengths):  # a truncated .bin shows only when its tail is read
+            needed = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+            if os.path.getsize(prefix + ".bin") < needed:
+                raise ValueError(f"{prefix}.bin holds {os.path.getsize(prefix + '.bin')} bytes, the index "
+                                 f"needs {needed}")
+        return dataset
+    except Exception as exc:  # a truncated .idx/.bin: numpy/mmap errors of every kind
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # The half-built object's __del__ fails when the traceback is freed: not the user's news.
+        sys.unraisablehook = lambda _unraisable: None
+    finally:
+        if problem is not None:
+            import gc
+
+            gc.collect()
+            sys.unraisablehook = unraisable_hook
+    raise DataError(f"{prefix}.idx/.bin cannot be read ({problem}); re-run tools/preprocess_pref_data.py")
+
+
 class PreferenceDataset:
     """Memory-mapped preference pairs written by ``tools/preprocess_pref_data.py``.
 
@@ -196,9 +236,12 @@ class PreferenceDataset:
                 f"no preprocessed preference dataset at prefix {prefix} (missing {paths['meta']}; "
                 f"run tools/preprocess_pref_data.py)"
             )
-        with open(paths["meta"]) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != FORMAT_NAME:
+        try:
+            with open(paths["meta"]) as f:
+                self.meta = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{paths['meta']}: {exc}") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT_NAME:
             raise DataError(f"{paths['meta']}: not a {FORMAT_NAME} dataset")
         if int(self.meta.get("version", 0)) > FORMAT_VERSION:
             raise DataError(f"{paths['meta']}: format version {self.meta['version']} is newer than supported")
@@ -206,9 +249,11 @@ class PreferenceDataset:
             if not os.path.exists(paths[k]):
                 raise DataError(f"incomplete preference dataset: missing {paths[k]}")
         self.prefix = prefix
-        idx = _import_indexed_dataset()
-        self._ds = idx.IndexedDataset(prefix, mmap=mmap)
-        self.pairs = np.load(paths["pairs"], mmap_mode="r")
+        self._ds = _open_indexed_dataset(prefix, mmap)
+        try:
+            self.pairs = np.load(paths["pairs"], mmap_mode="r")
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{paths['pairs']}: cannot be read ({exc}); re-run tools/preprocess_pref_data.py") from None
         if self.pairs.dtype != PAIR_INDEX_DTYPE:
             raise DataError(f"{paths['pairs']}: unexpected dtype {self.pairs.dtype}")
         n = len(self.pairs)
@@ -254,11 +299,7 @@ class PreferenceDataset:
         return self._lengths
 
     def __getitem__(self, i: int) -> TokenizedPair:
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"pair index {i} out of range [0, {len(self)})")
+        i = _pair_index(i, len(self))
         rec = self.pairs[i]
         if self._contiguous:
             p, c, r = self._ds[int(rec["prompt_seq"]): int(rec["prompt_seq"]) + 3]
@@ -338,19 +379,57 @@ class InMemoryPreferenceDataset:
         return self._lengths
 
 
-def open_preference_dataset(path: str, tokenizer=None, **kwargs):
-    """A JSONL/Parquet file (or list of them; tokenised in memory with
-    ``tokenizer``) or a preprocessed prefix (memory-mapped)."""
+class ConcatPreferenceDataset:
+    """Several preprocessed prefixes read as one dataset, in the order given (``--data-path
+    A B``: every pair of A, then every pair of B)."""
+
+    def __init__(self, parts: Sequence["PreferenceDataset"]):
+        self.parts = list(parts)
+        first = self.parts[0]
+        for part in self.parts[1:]:
+            for key in ("bos_id", "eos_id", "pad_id"):
+                if getattr(part, key) != getattr(first, key):
+                    raise DataError(f"{part.prefix} was preprocessed with {key}={getattr(part, key)} but "
+                                    f"{first.prefix} with {key}={getattr(first, key)}: use one tokenizer")
+        self.bos_id, self.eos_id, self.pad_id = first.bos_id, first.eos_id, first.pad_id
+        self.has_scores = any(p.has_scores for p in self.parts)
+        self._offsets = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([p.lengths() for p in self.parts]) if self.parts else np.zeros((0, 3), np.int64)
+
+    def __getitem__(self, i: int) -> TokenizedPair:
+        i = _pair_index(i, len(self))
+        part = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return replace(self.parts[part][i - int(self._offsets[part])], pair_id=i)
+
+
+def is_raw_data_file(path) -> bool:
+    """A JSONL/Parquet file (read and tokenised at load time), not a preprocessed prefix."""
     from .readers import JSONL_SUFFIXES, PARQUET_SUFFIXES
 
+    return os.fspath(path).lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
+
+
+def open_preference_dataset(path: str, tokenizer=None, **kwargs):
+    """JSONL/Parquet files (tokenised in memory with ``tokenizer``; ``kwargs`` go to
+    :meth:`InMemoryPreferenceDataset.from_files`) or preprocessed prefixes (memory-mapped,
+    several read one after the other)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if all(os.fspath(p).lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES) for p in paths):
+    raw = [is_raw_data_file(p) for p in paths]
+    if all(raw):
         if tokenizer is None:
             raise DataError("a tokenizer is needed to read raw JSONL/Parquet preference data")
         return InMemoryPreferenceDataset.from_files(paths, tokenizer, **kwargs)
-    if len(paths) != 1:
-        raise DataError("give one preprocessed prefix, or only .jsonl/.parquet files")
-    ds = PreferenceDataset(os.fspath(paths[0]))
+    if any(raw):
+        raise DataError("give either raw .jsonl/.parquet files or preprocessed prefixes, not both: "
+                        + ", ".join(os.fspath(p) for p, r in zip(paths, raw) if r) + " are raw, "
+                        + ", ".join(os.fspath(p) for p, r in zip(paths, raw) if not r) + " are not")
+    parts = [PreferenceDataset(os.fspath(p)) for p in paths]
     if tokenizer is not None:
-        ds.check_tokenizer(tokenizer)
-    return ds
+        for part in parts:
+            part.check_tokenizer(tokenizer)
+    return parts[0] if len(parts) == 1 else ConcatPreferenceDataset(parts)

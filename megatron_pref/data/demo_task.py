@@ -32,6 +32,7 @@ import random
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..atomic import write_atomic, write_text_atomic
 from .errors import DataError
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
@@ -156,17 +157,11 @@ def build_assets(out_dir: str = DEMO_DIR, seed: int = DEFAULT_SEED) -> Dict[str,
     paths = {}
     for split, rows in splits.items():
         path = os.path.join(out_dir, f"{split}.jsonl")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, separators=(",", ":")) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
         paths[split] = path
     model = train_tokenizer(splits["train"] + splits["valid"])
     path = os.path.join(out_dir, TOKENIZER_FILE)
-    with open(path + ".tmp", "wb") as f:
-        f.write(model)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: f.write(model))
     paths["tokenizer"] = path
     return paths
 

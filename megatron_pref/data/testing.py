@@ -7,6 +7,8 @@ import json
 import os
 from typing import Iterable, Optional
 
+from megatron_pref.atomic import write_json_atomic, write_text_atomic
+
 # A ChatML-like template: every turn is "<|role|>content<|end|>", the
 # generation prompt is "<|assistant|>".
 TINY_CHAT_TEMPLATE = (
@@ -41,7 +43,8 @@ def make_tiny_hf_tokenizer(out_dir: str, chat_template: Optional[str] = TINY_CHA
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    # Each file written atomically (a temporary file, then a rename): never a half-written one.
+    write_text_atomic(os.path.join(out_dir, "tokenizer.json"), tok.to_str(pretty=True))
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",
@@ -52,8 +55,7 @@ def make_tiny_hf_tokenizer(out_dir: str, chat_template: Optional[str] = TINY_CHA
     }
     if chat_template is not None:
         cfg["chat_template"] = chat_template
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    write_json_atomic(os.path.join(out_dir, "tokenizer_config.json"), cfg)
     return out_dir
 
 
