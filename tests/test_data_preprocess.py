@@ -209,6 +209,9 @@ def test_usage_and_input_errors_are_one_line(tmp_path):
     assert_one_line_error(run_tool(*sp_args(inp, str(tmp_path / "o"), "--seq-length", "16",
                                             "--max-prompt-length", "8")), "max-prompt-length")
     assert_one_line_error(run_tool(*sp_args(inp, str(tmp_path / "o"), "--data-field-map", "a:b")), "old=new")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert_one_line_error(run_tool(*sp_args(inp, str(a_file / "o"))), f"--output-prefix {a_file}/o: {a_file} is not a directory")
     all_bad = write_jsonl(str(tmp_path / "e.jsonl"), [{"prompt": "1", "chosen": "2", "rejected": "2"}])
     assert_one_line_error(run_tool(*sp_args(all_bad, str(tmp_path / "o"))), "no usable pairs")
     assert_nothing_written(str(tmp_path / "o"))

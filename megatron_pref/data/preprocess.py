@@ -138,10 +138,13 @@ def run(args: argparse.Namespace) -> dict:
     prefix = args.output_prefix
     if not prefix or prefix.endswith(os.sep) or os.path.isdir(prefix):
         raise DataError(f"--output-prefix must be a file name prefix, got {prefix!r}")
+    from megatron_pref.cli_errors import writable_dir_problem
+
     out_dir = os.path.dirname(os.path.abspath(prefix))
+    problem = writable_dir_problem(out_dir, "--output-prefix", target=prefix)
+    if problem:
+        raise DataError(problem)
     os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise DataError(f"output directory is not writable: {out_dir}")
     in_abs = {os.path.abspath(p) for p in inputs}
     for k, path in output_paths(prefix).items():
         if os.path.abspath(path) in in_abs:
