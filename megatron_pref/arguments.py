@@ -426,11 +426,16 @@ def _check_output_locations(args) -> None:
         problems.append(check_output_file(args.metrics_file, "--metrics-file"))
     problem = next((p for p in problems if p), None)
     _check(problem is None, problem or "")
-    if args.wandb_project and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+    logging_rank = os.environ.get("RANK", "0") == "0"  # the only rank that talks to wandb
+    if args.wandb_project and logging_rank:
         try:
             import wandb
         except ImportError:
             raise ConfigError("--wandb-project needs wandb (pip install -e '.[logging]')") from None
+        # The mode wandb resolves (WANDB_MODE, `wandb offline`'s settings file, ...): offline
+        # and disabled runs need no credentials.
+        if wandb.setup().settings.mode in ("offline", "disabled", "dryrun"):
+            return
         _check(bool(wandb.login(prompt=False, verify=False)),
                "--wandb-project: no wandb API key (run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline "
                "to log locally and `wandb sync` later)")

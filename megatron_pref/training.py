@@ -84,9 +84,19 @@ def build_data(run: RunConfig) -> DataBundle:
         tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model)
         train_files, valid_files = data.data_path, data.valid_data_path
         tokenizer_path = data.tokenizer_model
+    from megatron_pref.data.datasets import is_raw_data_file
+    from megatron_pref.data.errors import DataError
+
     raw_kwargs = {} if data.uses_demo else dict(strict=data.strict, field_map=data.data_field_map)
-    train = _open_split(train_files, tokenizer, raw_kwargs, "--data-path")
-    valid = _open_split(valid_files, tokenizer, raw_kwargs, "--valid-data-path") if valid_files else None
+    used = [{"strict": "--strict", "field_map": "--data-field-map"}[k] for k, v in raw_kwargs.items() if v]
+    splits = [files for files in (train_files, valid_files) if files]
+    if used and not any(all(is_raw_data_file(p) for p in files) for files in splits):
+        # Preprocessing applied them (or not): silently ignoring them here would mislead.
+        raise DataError(f"{' and '.join(used)}: for raw .jsonl/.parquet files only, and the data given is "
+                        f"preprocessed (give {'it' if len(used) == 1 else 'them'} to tools/preprocess_pref_data.py "
+                        "instead)")
+    train = _open_split(train_files, tokenizer, raw_kwargs, "--data-path", used)
+    valid = _open_split(valid_files, tokenizer, raw_kwargs, "--valid-data-path", used) if valid_files else None
     tokenizer_dir = tokenizer_path if os.path.isdir(tokenizer_path) else None
     return DataBundle(tokenizer, train, valid, _file_fingerprint(train_files),
                       _file_fingerprint(valid_files) if valid_files else None,
@@ -95,19 +105,15 @@ def build_data(run: RunConfig) -> DataBundle:
                       tokenizer_dir)
 
 
-def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str):
+def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags: list):
     """One split: raw files (tokenised now, with --strict / --data-field-map) or preprocessed
     prefixes (read one after the other). Errors are DataError naming ``flag``."""
     from megatron_pref.data.datasets import is_raw_data_file, open_preference_dataset
     from megatron_pref.data.errors import DataError
 
     if not all(is_raw_data_file(p) for p in paths):
-        flags = {"strict": "--strict", "field_map": "--data-field-map"}
-        used = [flags[name] for name, value in raw_kwargs.items() if value]
-        if used:  # preprocessing applied them (or not): silently ignoring them here would mislead
-            raise DataError(f"{' and '.join(used)}: for raw .jsonl/.parquet files only, and {flag} "
-                            f"{' '.join(map(str, paths))} names preprocessed data (give "
-                            f"{'it' if len(used) == 1 else 'them'} to tools/preprocess_pref_data.py instead)")
+        if used_flags:
+            logger.info("%s names preprocessed data: %s apply to the raw split only", flag, " and ".join(used_flags))
         return open_preference_dataset(paths, tokenizer)
     dataset = open_preference_dataset(paths, tokenizer, **raw_kwargs)
     stats = getattr(dataset, "stats", None)
@@ -149,7 +155,9 @@ def _check_reference_architecture(ref_load: str, policy, check_vocab: bool = Fal
     must agree: a mismatch is one line now, not a failed load after the data (or, for RoPE
     settings, silently different reference log-probs). Training-only fields may differ; the
     vocabulary is checked once the tokenizer has given it (``check_vocab``)."""
-    ignored = {"hidden_dropout", "attention_dropout", "init_method_std"} | (set() if check_vocab else {"vocab_size"})
+    # Training-only fields, and the vocabulary padding (vocabulary tensors load across paddings).
+    ignored = {"hidden_dropout", "attention_dropout", "init_method_std", "make_vocab_size_divisible_by"} | (
+        set() if check_vocab else {"vocab_size"})
     if policy.position_embedding_type == "rope":
         ignored.add("max_position_embeddings")  # no weights, no effect on RoPE
     reference = read_model_config(ref_load, flag="--ref-load").to_dict()

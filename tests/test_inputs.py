@@ -74,13 +74,32 @@ def test_output_locations_are_checked_before_any_work(tmp_path, a_file):
 
 
 def test_wandb_without_credentials_is_refused_unless_offline(monkeypatch):
+    from types import SimpleNamespace
+
     wandb = pytest.importorskip("wandb")
-    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(wandb, "login", lambda **kwargs: False)
-    with pytest.raises(ConfigError, match="--wandb-project: no wandb API key"):
-        parse_run_config(["--wandb-project", "p"])
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    assert parse_run_config(["--wandb-project", "p"]).log.wandb_project == "p"
+    for mode in ("online", "offline"):
+        monkeypatch.setattr(wandb, "setup", lambda mode=mode: SimpleNamespace(settings=SimpleNamespace(mode=mode)))
+        if mode == "online":
+            with pytest.raises(ConfigError, match="--wandb-project: no wandb API key"):
+                parse_run_config(["--wandb-project", "p"])
+        else:
+            assert parse_run_config(["--wandb-project", "p"]).log.wandb_project == "p"
+
+
+def test_wandb_offline_settings_file_needs_no_credentials(tmp_path):
+    """`wandb offline` writes ./wandb/settings, not WANDB_MODE: the mode wandb resolves counts."""
+    pytest.importorskip("wandb")
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    code = "from megatron_pref.arguments import parse_run_config; parse_run_config(['--wandb-project', 'p'])"
+    ok = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-1000:]
+    (tmp_path / "wandb" / "settings").unlink()  # control: online without a key is refused
+    refused = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "no wandb API key" in refused.stderr
 
 
 def test_seq_length_beyond_learned_positions_is_refused():
@@ -137,7 +156,11 @@ def test_field_map_and_strict_apply_to_raw_splits_only(data_dir):
     with pytest.raises(DataError, match="--data-field-map: for raw .jsonl/.parquet files only"):
         _build(["--data-path", str(data_dir / "p1")] + field_map)
     with pytest.raises(DataError, match="--strict: for raw"):
-        _build(["--data-path", str(data_dir / "p1"), "--strict"])
+        _build(["--data-path", str(data_dir / "p1"), "--valid-data-path", str(data_dir / "p2"), "--strict"])
+    # Raw training files with a preprocessed validation prefix: the flags serve the raw split.
+    mixed = _build(["--data-path", str(data_dir / "renamed.jsonl"), "--valid-data-path", str(data_dir / "p2")]
+                   + field_map)
+    assert len(mixed.train) == 10 and len(mixed.valid) == 30
     with pytest.raises(DataError, match="either raw .jsonl/.parquet files or preprocessed prefixes"):
         _build(["--data-path", str(data_dir / "p1"), str(data_dir / "a.jsonl")])
 
