@@ -139,7 +139,10 @@ def _model_flag_names() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from megatron_pref.losses import LOSSES, LossConfig
 
-    p = _FlagParser(
+    from megatron_pref.cli_errors import OneLineArgumentParser
+
+    p = OneLineArgumentParser(
+        error_type=ConfigError,
         prog="pretrain_pref.py",
         description="Preference optimisation (DPO family, SPO, SLIME) on megatron-core. "
                     "With no data flags, trains a tiny GPT on the bundled demo task.")
@@ -238,11 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-progress-bar", action="store_true")
     return p
-
-
-class _FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints its usage and the message; we print one line
-        raise ConfigError(f"{message} (see --help)")
 
 
 def _check(condition: bool, message: str) -> None:

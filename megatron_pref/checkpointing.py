@@ -18,7 +18,6 @@ loads at another. RNG states are per rank and are restored only when the layout 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -34,6 +33,7 @@ from megatron_pref.atomic import write_json_atomic, write_text_atomic
 from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, TOKENIZER_DIR,
                                                  copy_tokenizer, iteration_name, load_sharded, read_checkpoint_metadata)
 from megatron_pref.convert.checkpoint_io import read_model_config as _stored_model_config
+from megatron_pref.convert.errors import ConversionError, read_json_object
 from megatron_pref.model import ModelConfig, unwrap_model
 
 TMP_SUFFIX = ".tmp"
@@ -348,11 +348,9 @@ def validate_checkpoint_dir(load_dir, flag: str = "--load") -> Path:
         if not (path / name).is_file():
             raise CheckpointError(f"{flag} {load_dir}: {path.name} is not a complete dist checkpoint (no {name})")
     try:
-        metadata = json.loads((path / "metadata.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{flag} {load_dir}: {path.name}/metadata.json: {exc}") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{flag} {load_dir}: {path.name}/metadata.json is not a JSON object")
+        read_json_object(path / "metadata.json")
+    except ConversionError as exc:
+        raise CheckpointError(f"{flag} {load_dir}: {exc}") from None
     return path
 
 

@@ -43,7 +43,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
             p.error(f"--steps must be >= 1, got {args.steps}")   # same format for own checks
     """
 
+    def __init__(self, *args, error_type: Optional[type] = None, **kwargs):
+        # error_type: raise it with the one-line message instead of exiting, for callers that
+        # parse in-process and report errors their own way (pretrain_pref, the preprocessor).
+        super().__init__(*args, **kwargs)
+        self.error_type = error_type
+
     def error(self, message: str) -> NoReturn:  # overrides argparse's usage + message
+        if self.error_type is not None:
+            raise self.error_type(f"{message} (see --help)")
         exit_with_error(f"{message} (see --help)")
 
 

@@ -23,6 +23,12 @@ TRANSFORMER_IMPLS = ("transformer_engine", "local")
 THD_MAX_SEQLEN_MULTIPLE = 64
 
 
+# Stored-config value checks by declared field type (bool is an int subclass: not a number here).
+_IS_CONFIG_TYPE = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                   "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                   "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+
+
 @dataclass
 class ModelConfig:
     """A GPT-style decoder. Flag names follow Megatron-LM (``--hidden-size`` -> hidden_size)."""
@@ -91,10 +97,7 @@ class ModelConfig:
             optional = known[name].startswith("Optional[")
             if value is None and optional:
                 continue
-            ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-                  "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-                  "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}[expected](value)
-            if not ok:
+            if not _IS_CONFIG_TYPE[expected](value):
                 raise ValueError(f"model config field {name} = {value!r} is not a{'n' if expected == 'int' else ''} "
                                  f"{expected}")
         return cls(**values)

@@ -87,13 +87,11 @@ def _bounded(gen, sem: threading.Semaphore, stop: threading.Event):
 
 
 # --------------------------------------------------------------------------- CLI
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; we want one line
-        raise DataError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    from megatron_pref.cli_errors import OneLineArgumentParser
+
+    p = OneLineArgumentParser(
+        error_type=DataError,
         prog="preprocess_pref_data.py",
         description="Tokenise preference pairs (JSONL/Parquet) into a megatron-core IndexedDataset "
         "(.bin/.idx) plus a pair index (.pairs.npy) and metadata (.meta.json).",
