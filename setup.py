@@ -18,6 +18,7 @@ setup(
         "safetensors",
         "pyarrow",
         "transformers",
+        "xxhash",  # content identity of data files (megatron_pref/data/fingerprint.py)
     ],
     extras_require={
         "logging": ["tensorboard", "wandb"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from megatron_pref import parallel
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
+from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint, tree_fingerprint
 from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, checkpoint_fingerprint,
                                          load_checkpoint, load_weights_only, read_model_config, read_train_state,
                                          save_checkpoint, validate_checkpoint_dir)
@@ -40,34 +42,24 @@ class DataBundle:
     tokenizer: object
     train: object
     valid: Optional[object]
-    train_fingerprint: str
-    valid_fingerprint: Optional[str]
-    tokenizer_fingerprint: str
+    train_files: list
+    valid_files: Optional[list]
+    tokenizer_path: str
     tokenizer_dir: Optional[str]
 
+    # Content identities (every byte hashed, once per node), computed on first use: only a
+    # precomputed reference needs them. Every rank must ask, in the same order (a collective).
+    @functools.cached_property
+    def train_fingerprint(self) -> str:
+        return agreed_fingerprint(lambda: data_fingerprint(self.train_files))
 
-def _file_fingerprint(paths) -> str:
-    """Names, sizes and head/tail bytes of the files: cheap, and changes when the data does."""
-    digest = hashlib.sha256()
-    for path in paths:
-        for f in sorted(_expand(path)):
-            size = os.path.getsize(f)
-            digest.update(f"{os.path.basename(f)}:{size}".encode())
-            with open(f, "rb") as handle:
-                digest.update(handle.read(1 << 20))
-                if size > 2 << 20:
-                    handle.seek(-(1 << 20), os.SEEK_END)
-                    digest.update(handle.read())
-    return digest.hexdigest()
+    @functools.cached_property
+    def valid_fingerprint(self) -> Optional[str]:
+        return agreed_fingerprint(lambda: data_fingerprint(self.valid_files)) if self.valid_files else None
 
-
-def _expand(path: str) -> list:
-    """A raw data file, or the files of a preprocessed prefix."""
-    from megatron_pref.data.datasets import output_paths
-
-    if os.path.isfile(path):
-        return [path]
-    return [p for p in output_paths(path).values() if os.path.isfile(p)]
+    @functools.cached_property
+    def tokenizer_fingerprint(self) -> str:
+        return agreed_fingerprint(lambda: tree_fingerprint(self.tokenizer_path))
 
 
 def build_data(run: RunConfig) -> DataBundle:
@@ -98,11 +90,7 @@ def build_data(run: RunConfig) -> DataBundle:
     train = _open_split(train_files, tokenizer, raw_kwargs, "--data-path", used)
     valid = _open_split(valid_files, tokenizer, raw_kwargs, "--valid-data-path", used) if valid_files else None
     tokenizer_dir = tokenizer_path if os.path.isdir(tokenizer_path) else None
-    return DataBundle(tokenizer, train, valid, _file_fingerprint(train_files),
-                      _file_fingerprint(valid_files) if valid_files else None,
-                      _file_fingerprint([tokenizer_path] if os.path.isfile(tokenizer_path) else
-                                        [str(p) for p in sorted(Path(tokenizer_path).glob("*")) if p.is_file()]),
-                      tokenizer_dir)
+    return DataBundle(tokenizer, train, valid, train_files, valid_files, tokenizer_path, tokenizer_dir)
 
 
 def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags: list):

@@ -294,6 +294,40 @@ def test_reference_cache_is_used_and_invalidated(distributed, tmp_path, caplog):
     assert json.loads((cache / "train" / "reference_logps.json").read_text())["reference"] != key["reference"]
 
 
+def test_reference_cache_sees_a_same_size_edit_in_the_middle_of_the_data(distributed, tmp_path):
+    """Issue 11: chosen and rejected swapped in one row 1 MiB into a 2.1 MiB JSONL (same size,
+    outside the first and last MiB) -> the reference is recomputed, not read from the cache.
+    Negative control: an identical copy in another directory hits the cache."""
+    import shutil
+
+    from tests.test_fingerprint import MIB, swap_chosen_rejected_near, write_padded_jsonl
+
+    cache = tmp_path / "cache"
+    train_file = write_padded_jsonl(tmp_path / "train.jsonl")
+    valid_file = _demo_subset(tmp_path, "valid.jsonl", 16)
+    argv = data_flags(train_file, valid_file) + MODEL_FLAGS + ["--loss", "dpo", "--train-iters", "1",
+                                                             "--ref-cache-dir", str(cache)]
+    run_training(distributed, 1, argv)
+    table_path, key_path = cache / "train" / "reference_logps.npy", cache / "train" / "reference_logps.json"
+    table, key = np.load(table_path), json.loads(key_path.read_text())
+
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy(train_file, tmp_path / "elsewhere" / "train.jsonl")  # same bytes, another place
+    written = table_path.stat().st_mtime_ns, table_path.stat().st_ino
+    run_training(distributed, 1, data_flags(str(copy), valid_file) + argv[len(data_flags(train_file, valid_file)):])
+    assert (table_path.stat().st_mtime_ns, table_path.stat().st_ino) == written  # a cache hit
+
+    row, _ = swap_chosen_rejected_near(train_file, MIB + 1000)
+    run_training(distributed, 1, argv)
+    new_table, new_key = np.load(table_path), json.loads(key_path.read_text())
+    assert new_key["data"] != key["data"]
+    assert {k for k in key if key[k] != new_key[k]} == {"data"}
+    # The recomputed table has the pair's reference log-probs swapped, and nothing else changed.
+    np.testing.assert_allclose(new_table[row], table[row][::-1], rtol=0, atol=1e-5)
+    assert abs(table[row][0] - table[row][1]) > 1e-3
+    assert np.array_equal(np.delete(new_table, row, axis=0), np.delete(table, row, axis=0))
+
+
 def _train_with_a_cache_miss_on_rank_1(argv):
     from megatron_pref import training
 
