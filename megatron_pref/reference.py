@@ -31,6 +31,8 @@ CACHE_FILE = "reference_logps.npy"
 KEY_FILE = "reference_logps.json"
 # Which tokens carry loss, as the data pipeline defines it; part of the cache key.
 LOSS_MASK_POLICY = "response-tokens-only/v1"
+# How the pass packs the pairs (values differ by rounding between packings); part of the key.
+PACKING_POLICY = "train: first epoch's training packs, then the rest; valid: evaluation packs/v1"
 
 
 def reference_logps_from_outputs(outputs: Sequence[dict]):
@@ -93,6 +95,7 @@ def cache_key(data_fingerprint: str, reference_fingerprint: str, tokenizer_finge
         "max_prompt_length": max_prompt_length,
         "precision": precision,
         "loss_mask_policy": LOSS_MASK_POLICY,
+        "packing": PACKING_POLICY,
         "model": hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest(),
     }
 

@@ -264,7 +264,9 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
         loader = loaders[split]
         bar = progress_bar(loader.num_usable_pairs, f"reference log-probs ({split})",
                            disable=run.log.no_progress_bar)
-        table, seen = compute_reference_table(ref_chunks, loader.iter_once(EVAL_PAIRS_PER_STEP),
+        # The training split in the training's own packs (step 0 bit-identical); evaluation's for valid.
+        steps = loader.iter_reference_pass(EVAL_PAIRS_PER_STEP) if split == "train" else loader.iter_once(EVAL_PAIRS_PER_STEP)
+        table, seen = compute_reference_table(ref_chunks, steps,
                                               len(loader.dataset), forward_step, bar)
         bar.close()
         missing = np.setdiff1d(loader.source.usable, np.nonzero(seen)[0])

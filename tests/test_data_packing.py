@@ -209,6 +209,29 @@ def test_iter_once_covers_each_pair_once():
     assert sorted(got) == list(range(101))
 
 
+def test_reference_pass_uses_the_first_epochs_training_packs_then_covers_the_rest():
+    """The precomputed reference's pass: epoch 0's global batches packed exactly as
+    next_global_batch packs them (same packs -> bit-identical log-probs at step 0), then the
+    pairs epoch 0 drops; every usable pair once over the data-parallel ranks."""
+    ds = make_dataset(101)
+    G, dp = 12, 3  # 101 = 8 x 12 + 5 pairs dropped from epoch 0
+    got = []
+    for r in range(dp):
+        loader = PackedPairLoader(ds, 64, G, dp_rank=r, dp_size=dp, seed=5, pad_multiple=8)
+        steps = list(loader.iter_reference_pass(pairs_per_step=30))
+        assert loader.consumed_pairs == 0
+        training = PackedPairLoader(ds, 64, G, dp_rank=r, dp_size=dp, seed=5, pad_multiple=8)
+        for step in steps[:loader.pairs_per_epoch // G]:
+            for a, b in zip(step, training.next_global_batch(), strict=True):
+                assert torch.equal(a.tokens, b.tokens) and torch.equal(a.pair_ids, b.pair_ids)
+        got += [int(i) for step in steps for p in step for i in p.pair_ids]
+    assert sorted(got) == list(range(101))
+    # Negative control: evaluation's order packs differently.
+    once = [p.pair_ids.tolist() for step in PackedPairLoader(ds, 64, G, seed=5).iter_once() for p in step]
+    ref = [p.pair_ids.tolist() for step in PackedPairLoader(ds, 64, G, seed=5).iter_reference_pass() for p in step]
+    assert once != ref
+
+
 def test_length_policy():
     # (prompt, chosen, rejected) lengths, seq_length 20
     L = np.array([[3, 4, 5], [8, 3, 3], [4, 10, 2], [9, 9, 9]])

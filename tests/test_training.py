@@ -84,6 +84,37 @@ def test_step_zero_identity(distributed, tmp_path, world, tp, pp, seq_length, ti
     assert abs(result["eval_before"]["eval/loss"] - math.log(2)) < 1e-6
 
 
+def _step_zero(distributed, world, argv):
+    result = run_training(distributed, world, argv)[0]
+    return result["train"], result["eval_before"]
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["dp1", "dp2"])
+def test_step_zero_precomputed_reference_ties_exactly_like_online(distributed, tmp_path, tiny, world):
+    """Issue 11: at step 0 the policy is the reference. The precomputed pass packs the first
+    epoch as training does, so the rewards are exactly 0, no pair counts as "accurate" (TRL
+    and --ref-logprobs online give 0) and the loss equals online's bit for bit. bf16 makes
+    rounding differences between packings large enough to break ties (the negative control)."""
+    from megatron_pref.data.packing import PackedPairLoader
+
+    argv = tiny + ["--loss", "dpo", "--train-iters", "1", "--bf16", "--ref-cache-dir", str(tmp_path / "cache")]
+    train, before = _step_zero(distributed, world, argv)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert train[name] == 0.0, (name, train[name])
+        assert before[f"eval/{name}"] == 0.0, name
+    online, _ = _step_zero(distributed, world, argv + ["--ref-logprobs", "online"])
+    assert train["loss"] == online["loss"] and online["rewards/accuracies"] == 0.0
+
+    # Negative control: the reference pass in evaluation's packs (the original pass) breaks ties.
+    original = PackedPairLoader.iter_reference_pass
+    try:
+        PackedPairLoader.iter_reference_pass = PackedPairLoader.iter_once
+        other, _ = _step_zero(distributed, world, argv + ["--ref-cache-dir", str(tmp_path / "other")])
+    finally:
+        PackedPairLoader.iter_reference_pass = original
+    assert other["rewards/accuracies"] > 0 and other["loss"] != online["loss"]
+
+
 def test_step_zero_identity_breaks_with_another_reference(distributed, tmp_path, tiny):
     """Negative control: a reference from another seed gives a loss away from ln 2."""
     argv = tiny + ["--loss", "dpo", "--train-iters", "1", "--ref-cache-dir", str(tmp_path / "cache")]

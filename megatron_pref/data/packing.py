@@ -510,9 +510,7 @@ class PackedPairLoader:
     def next_global_batch(self) -> List[PackedBatch]:
         """This rank's packs for the next global batch; advances
         ``consumed_pairs`` by ``global_batch_pairs``."""
-        idx = self.stream_indices(self.consumed_pairs, self.global_batch_pairs)
-        mine = self.assign_ranks(idx)[self.dp_rank]
-        packs = self.source.pack(mine, self.pad_multiple, self.pad_id, self.pad_to_seq_length)
+        mine, packs = self._global_batch_at(self.consumed_pairs)
         self.consumed_pairs += self.global_batch_pairs
         st = self.stats
         st.last_packs = len(packs)
@@ -523,6 +521,12 @@ class PackedPairLoader:
         st.real_tokens += st.last_real_tokens
         st.pack_tokens += st.last_pack_tokens
         return packs
+
+    def _global_batch_at(self, start: int):
+        """This rank's pair indices and packs of the global batch at stream position ``start``."""
+        idx = self.stream_indices(start, self.global_batch_pairs)
+        mine = self.assign_ranks(idx)[self.dp_rank]
+        return mine, self.source.pack(mine, self.pad_multiple, self.pad_id, self.pad_to_seq_length)
 
     def __iter__(self) -> Iterator[List[PackedBatch]]:
         while True:
@@ -540,10 +544,24 @@ class PackedPairLoader:
         ``pairs_per_step`` pairs (default: the global batch). The last step
         may be smaller; shards are disjoint and cover every usable pair once.
         Does not change ``consumed_pairs``."""
+        yield from self._iter_in_order(self.source.usable, pairs_per_step)
+
+    def iter_reference_pass(self, pairs_per_step: Optional[int] = None) -> Iterator[List[PackedBatch]]:
+        """Every usable pair once, for precomputed reference log-probs: the first epoch's global
+        batches packed exactly as training packs them, then the pairs that epoch drops (in
+        dataset order, ``pairs_per_step`` at a time, as :meth:`iter_once`). Same packs give
+        bit-identical log-probs: at step 0, where the policy is the reference, every reward is
+        exactly 0 and ties stay ties (other packs differ by rounding, ~1e-7, and break them).
+        Does not change ``consumed_pairs``."""
+        for start in range(0, self.pairs_per_epoch, self.global_batch_pairs):
+            yield self._global_batch_at(start)[1]
+        dropped = np.setdiff1d(self.source.usable, self.epoch_order(0)[:self.pairs_per_epoch])
+        yield from self._iter_in_order(dropped, pairs_per_step)
+
+    def _iter_in_order(self, indices: np.ndarray, pairs_per_step: Optional[int]) -> Iterator[List[PackedBatch]]:
         step = int(pairs_per_step or self.global_batch_pairs)
-        usable = self.source.usable
-        for s in range(0, len(usable), step):
-            chunk = usable[s:s + step]
+        for s in range(0, len(indices), step):
+            chunk = indices[s:s + step]
             mine = chunk[self.dp_rank::self.dp_size]
             yield self.source.pack(mine, self.pad_multiple, self.pad_id, self.pad_to_seq_length)
 
