@@ -32,7 +32,8 @@ DEMO_MODEL = dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidd
 # weights, so an RPO-style NLL term (--sft-weight) teaches it to produce answers at all; the
 # preference term then separates right from plausible-wrong ones. Measured on 2 CPU cores:
 # held-out preference accuracy 0 -> 0.95, greedy exact match 0 -> 0.9, in about 1.5 minutes.
-DEMO_RECIPE = dict(train_iters=1000, lr=2e-3, lr_warmup_iters=50, sft_weight=1.0, eval_interval=250)
+DEMO_RECIPE = dict(train_iters=1000, lr=2e-3, lr_decay_style="cosine", lr_warmup_iters=50, sft_weight=1.0,
+                   eval_interval=250)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class DataConfig:
     max_prompt_length: Optional[int] = None
     data_field_map: Optional[str] = None
     strict: bool = False
+    shuffle: bool = True  # --no-shuffle: every epoch in file order
 
     @property
     def uses_demo(self) -> bool:
@@ -55,9 +57,11 @@ class DataConfig:
 class OptimConfig:
     micro_batch_size: int = 1  # packs per micro-batch
     global_batch_size: int = 32  # pairs per optimizer step
-    lr: float = 1e-3
+    # TRL's DPOConfig default (Megatron-LM has none: pretraining rates are 100x larger and
+    # overshoot preference optimisation of a pretrained model).
+    lr: float = 1e-6
     min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
+    lr_decay_style: str = "linear"  # Megatron-LM's
     lr_warmup_iters: int = 0
     lr_decay_iters: Optional[int] = None
     train_iters: Optional[int] = None
@@ -85,7 +89,7 @@ class CheckpointConfig:
 
 @dataclass
 class EvalLogConfig:
-    log_interval: int = 10
+    log_interval: int = 100  # Megatron-LM's
     eval_interval: Optional[int] = None
     eval_iters: Optional[int] = None  # None: the whole validation split
     tensorboard_dir: Optional[str] = None
@@ -194,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("batching and optimisation")
     g.add_argument("--micro-batch-size", type=int, default=1, help="packs per micro-batch (1)")
     g.add_argument("--global-batch-size", type=int, default=None, help="pairs per optimizer step")
-    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--lr", type=float, default=OptimConfig.lr,
+                   help=f"peak learning rate ({OptimConfig.lr:g}, TRL's DPO default; Megatron-LM has none)")
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default=OptimConfig.lr_decay_style)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=None)
@@ -219,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-prompt-length", type=int, default=None)
     g.add_argument("--data-field-map", default=None, help="rename columns: old=new,old2=new2")
     g.add_argument("--strict", action="store_true", help="bad rows are errors instead of skipped")
+    g.add_argument("--no-shuffle", action="store_true",
+                   help="train on the pairs in file order, every epoch (default: a new permutation each epoch, "
+                        "from --seed)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("checkpoints, evaluation and logging")
@@ -233,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None)
-    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=EvalLogConfig.log_interval)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--wandb-exp-name", default=None)
@@ -305,7 +313,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     _check(args.train_epochs is None or args.train_epochs > 0, "--train-epochs must be > 0")
     _check(args.train_iters is None or args.train_epochs is None, "give --train-iters or --train-epochs, not both")
     _check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
-    _check(args.lr is None or args.min_lr <= args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    _check(args.min_lr <= args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0.0 <= getattr(args, name) < 1.0, f"{_flag(name)} must be in [0, 1), got {getattr(args, name)}")
     model_ranges = {"norm_epsilon": ("> 0", lambda v: v > 0), "init_method_std": ("> 0", lambda v: v > 0),
@@ -375,11 +383,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         data=DataConfig(data_path=args.data_path, valid_data_path=args.valid_data_path,
                         tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
                         seq_length=args.seq_length or 256, max_prompt_length=args.max_prompt_length,
-                        data_field_map=args.data_field_map, strict=args.strict),
+                        data_field_map=args.data_field_map, strict=args.strict, shuffle=not args.no_shuffle),
         optim=OptimConfig(
             micro_batch_size=args.micro_batch_size,
             global_batch_size=args.global_batch_size or 32,
-            lr=args.lr if args.lr is not None else 1e-6,
+            lr=args.lr,
             min_lr=args.min_lr, lr_decay_style=args.lr_decay_style, lr_warmup_iters=args.lr_warmup_iters,
             lr_decay_iters=args.lr_decay_iters,
             train_iters=args.train_iters,

@@ -385,7 +385,8 @@ def train(run: RunConfig) -> dict:
                                         fp8_recipe=run.precision.fp8_recipe)
     loader_kwargs = dict(seq_length=run.data.seq_length, dp_rank=dp_rank, dp_size=dp_size, seed=run.seed,
                          pad_multiple=pad_multiple, max_prompt_length=run.data.max_prompt_length)
-    train_loader = PackedPairLoader(data.train, global_batch_pairs=run.optim.global_batch_size, **loader_kwargs)
+    train_loader = PackedPairLoader(data.train, global_batch_pairs=run.optim.global_batch_size,
+                                    shuffle=run.data.shuffle, **loader_kwargs)
     valid_loader = (PackedPairLoader(data.valid, global_batch_pairs=dp_size, **loader_kwargs)
                     if data.valid is not None else None)
     train_iters = _train_iters(run, train_loader)

@@ -522,6 +522,49 @@ def test_load_with_a_different_architecture_names_the_field(distributed, tmp_pat
     assert "--hidden-size 48 differs from the --load checkpoint's hidden_size=32" in out.stderr
 
 
+def test_defaults_under_megatron_lm_names(tiny):
+    """Megatron-LM's defaults (--lr-decay-style linear, --log-interval 100), one learning-rate
+    default for flags and OptimConfig (TRL's 1e-6, documented); the demo's recipe keeps cosine."""
+    from megatron_pref.arguments import OptimConfig
+
+    run = parse_run_config(tiny[:8] + ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"])
+    assert (run.optim.lr_decay_style, run.log.log_interval, run.data.shuffle) == ("linear", 100, True)
+    assert run.optim.lr == OptimConfig().lr == 1e-6
+    demo = parse_run_config([])
+    assert (demo.optim.lr_decay_style, demo.optim.lr) == ("cosine", 2e-3)
+    assert parse_run_config(["--lr-decay-style", "constant"]).optim.lr_decay_style == "constant"
+    with pytest.raises(ValueError, match="--min-lr 1e-05 is above --lr 1e-06"):
+        parse_run_config(tiny[:8] + ["--min-lr", "1e-5"])
+
+
+def _train_recording_pair_order(argv):
+    """train(), returning the global pair ids of each step's batch on this rank."""
+    from megatron_pref.data.packing import PackedPairLoader
+
+    order = []
+    original = PackedPairLoader.next_global_batch
+
+    def next_global_batch(self):
+        packs = original(self)
+        order.append(sorted(int(i) for p in packs for i in p.pair_ids))
+        return packs
+
+    PackedPairLoader.next_global_batch = next_global_batch
+    _train(argv)
+    return order
+
+
+def test_no_shuffle_trains_in_file_order(distributed, tmp_path, tiny):
+    """--no-shuffle: step k trains on the file's pairs 8k..8k+7 (split over DP=2); the default
+    (negative control) draws them from a permutation."""
+    argv = tiny + ["--loss", "dpo", "--train-iters", "2", "--ref-cache-dir", str(tmp_path / "cache")]
+    ranks = distributed(_train_recording_pair_order, 2, ParallelConfig(), argv + ["--no-shuffle"], init_parallel=False)
+    steps = [sorted(a + b) for a, b in zip(*ranks)]
+    assert steps == [list(range(0, 8)), list(range(8, 16))]
+    shuffled = distributed(_train_recording_pair_order, 2, ParallelConfig(), argv, init_parallel=False)
+    assert [sorted(a + b) for a, b in zip(*shuffled)] != steps
+
+
 def test_train_epochs_sets_the_step_count(distributed, tmp_path, tiny):
     """96 pairs in batches of 8: half an epoch is 6 steps."""
     argv = tiny + ["--loss", "sft", "--train-epochs", "0.5", "--eval-interval", "100"]
