@@ -9,8 +9,8 @@ from megatron_pref.data.fingerprint import data_fingerprint, file_digest, files_
 MIB = 1 << 20
 
 
-def write_padded_jsonl(path, rows=96, filler=22_000):
-    """Demo-like pairs padded with an ignored field to ~2.1 MiB (96 x 22 kB)."""
+def write_padded_jsonl(path, rows=96, filler=23_000):
+    """Demo-like pairs padded with an ignored field to 2.1 MiB (96 x 23 kB)."""
     with open(path, "w") as f:
         for i in range(rows):
             a, b = divmod(i * 37, 100)

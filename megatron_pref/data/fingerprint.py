@@ -79,7 +79,8 @@ def agreed_fingerprint(compute) -> str:
     Without a process group it simply runs here. With one, the first rank of each node
     (LOCAL_RANK 0) hashes; the other ranks of the node, which read the same files, wait.
     Nodes holding different copies of the data would otherwise read different pairs under
-    one cache key: that is an error."""
+    one cache key: that is an error. The others wait inside a collective, so hashing must
+    finish within the process group's timeout (10 minutes: ~300 GB at 0.5 GB/s per node)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
