@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from megatron_pref import parallel
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
-from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint, tree_fingerprint
 from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, checkpoint_fingerprint,
                                          load_checkpoint, load_weights_only, read_model_config, read_train_state,
                                          save_checkpoint, validate_checkpoint_dir)
+from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint, tree_fingerprint
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
                                   global_pair_counts, metric_sums_over_data_parallel, synchronize_params, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
