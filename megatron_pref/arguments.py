@@ -314,6 +314,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     _check(args.train_epochs is None or args.train_epochs > 0, "--train-epochs must be > 0")
     _check(args.train_iters is None or args.train_epochs is None, "give --train-iters or --train-epochs, not both")
     _check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    # numpy's and torch's generators take seeds in [0, 2**32).
+    _check(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     _check(args.min_lr <= args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}")
     for name in ("adam_beta1", "adam_beta2"):
         _check(0.0 <= getattr(args, name) < 1.0, f"{_flag(name)} must be in [0, 1), got {getattr(args, name)}")
@@ -356,6 +358,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.ref_load and not _loss_requires_reference(args.loss):
         raise ConfigError(f"--ref-load is set but --loss {args.loss} is reference-free")
     _check_output_locations(args)
+    _warn_ineffective_flags(args)
 
     vpp = None
     if args.num_layers_per_virtual_pipeline_stage is not None:
@@ -422,6 +425,15 @@ def _loss_requires_reference(name: str) -> bool:
     return requires_reference(name)
 
 
+DEFAULT_RUN_DIR = os.path.join("runs", "last")
+
+
+def reference_cache_dir(ref_cache_dir: Optional[str], save: Optional[str]) -> str:
+    """Where precomputed reference log-probs are cached: --ref-cache-dir, else under --save,
+    else under ./runs/last (the default location, probed like the explicit ones)."""
+    return ref_cache_dir or os.path.join(save or DEFAULT_RUN_DIR, "reference_cache")
+
+
 def _check_output_locations(args) -> None:
     """Directories and files the run writes must be writable now, not after hours of training."""
     from megatron_pref.cli_errors import check_output_dir, check_output_file
@@ -429,6 +441,12 @@ def _check_output_locations(args) -> None:
     directories = {"save": args.save, "tensorboard_dir": args.tensorboard_dir, "ref_cache_dir": args.ref_cache_dir,
                    "wandb_save_dir": args.wandb_save_dir}
     problems = [check_output_dir(path, _flag(name)) for name, path in directories.items() if path is not None]
+    if (args.ref_cache_dir is None and args.save is None and args.ref_logprobs == "precompute"
+            and _loss_requires_reference(args.loss)):
+        default = reference_cache_dir(None, None)
+        problem = check_output_dir(default, "the default reference cache (--ref-cache-dir)")
+        problems.append(problem and f"{problem} (give --ref-cache-dir or --save a writable directory, "
+                                    "or use --ref-logprobs online)")
     if args.metrics_file is not None:
         problems.append(check_output_file(args.metrics_file, "--metrics-file"))
     problem = next((p for p in problems if p), None)
@@ -446,6 +464,26 @@ def _check_output_locations(args) -> None:
         _check(bool(wandb.login(prompt=False, verify=False)),
                "--wandb-project: no wandb API key (run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline "
                "to log locally and `wandb sync` later)")
+
+
+def _warn_ineffective_flags(args) -> None:
+    """Flags that would do nothing with the others given: one warning line each (rank 0).
+
+    Megatron-LM ignores them silently; they are warned about, not refused, so that launch
+    scripts which always pass them (and add --save or a validation split per run) keep working.
+    """
+    import sys
+
+    unused = []
+    if args.save is None and args.save_interval is not None:
+        unused.append(f"--save-interval {args.save_interval} has no effect without --save: no checkpoint is written")
+    if args.data_path and not args.valid_data_path:  # the bundled demo has its validation split
+        for flag, value in (("--eval-interval", args.eval_interval), ("--eval-iters", args.eval_iters)):
+            if value is not None:
+                unused.append(f"{flag} {value} has no effect without --valid-data-path: no evaluation runs")
+    if os.environ.get("RANK", "0") == "0":
+        for line in unused:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _data_path_exists(path: str) -> bool:

@@ -61,10 +61,12 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ValueError naming the flag of the first inconsistent field."""
         positive = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads",
-                    "max_position_embeddings", "make_vocab_size_divisible_by")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                    "max_position_embeddings", "make_vocab_size_divisible_by", "rotary_base")
+        optional_positive = ("num_query_groups", "ffn_hidden_size", "kv_channels")  # None: derived
+        for name in positive + optional_positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"--normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.position_embedding_type not in POSITION_EMBEDDINGS:
@@ -77,6 +79,15 @@ class ModelConfig:
         if self.num_attention_heads % groups:
             raise ValueError(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                              f"--num-query-groups {groups}")
+        if self.position_embedding_type == "rope":
+            # megatron-core's RotaryEmbedding rotates pairs of channels: an odd rotary dimension
+            # builds one frequency too many (a size mismatch in the first forward pass).
+            head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+            rotary_dim = int(head_dim * self.rotary_percent)
+            if rotary_dim < 2 or rotary_dim % 2:
+                source = "--kv-channels" if self.kv_channels else "--hidden-size / --num-attention-heads"
+                raise ValueError(f"RoPE needs an even rotary dimension >= 2: the head dimension {head_dim} "
+                                 f"({source}) x --rotary-percent {self.rotary_percent} = {rotary_dim}")
         if self.swiglu and self.openai_gelu:
             raise ValueError("--swiglu and --openai-gelu are exclusive")
 
@@ -125,6 +136,9 @@ class ParallelConfig:
         groups = model.num_query_groups or model.num_attention_heads
         if groups % tp:
             raise ValueError(f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size {tp}")
+        ffn = model.ffn_hidden_size or 4 * model.hidden_size
+        if ffn % tp:  # fc1/fc2 are split over TP ranks (megatron-core's divide())
+            raise ValueError(f"--ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp}")
         if self.sequence_parallel and tp == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if world_size is not None and world_size % (tp * pp * self.context_parallel_size):

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pref import parallel
-from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
+from megatron_pref.arguments import ConfigError, RunConfig, reference_cache_dir, resolve_model_config
 from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, checkpoint_fingerprint,
                                          load_checkpoint, load_weights_only, read_model_config, read_train_state,
                                          save_checkpoint, validate_checkpoint_dir)
@@ -110,6 +111,29 @@ def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags:
     if len(dataset) == 0:
         raise DataError(f"{flag}: no usable pairs ({stats.summary() if stats is not None else 'empty'})")
     return dataset
+
+
+def check_scores(run: RunConfig, data: DataBundle) -> None:
+    """--spo-target-from-scores needs score fields: data without any is one error now (not after
+    the reference pass); pairs without a usable score gap are counted in one warning line."""
+    from megatron_pref.data.datasets import score_gaps
+    from megatron_pref.data.errors import DataError
+
+    if run.loss != "spo" or not run.loss_config.spo_target_from_scores:
+        return
+    for flag, paths, dataset in (("--data-path", run.data.data_path, data.train),
+                                 ("--valid-data-path", run.data.valid_data_path, data.valid)):
+        if dataset is None or paths is None:  # the bundled demo has scores
+            continue
+        gaps = score_gaps(dataset)
+        missing, not_positive = int(np.isnan(gaps).sum()), int((gaps <= 0).sum())
+        if missing == len(gaps):
+            raise DataError(f"--spo-target-from-scores: {flag} {' '.join(paths)} has no score_chosen/score_rejected "
+                            "fields (map them with --data-field-map, or drop the flag for a constant target)")
+        if (missing or not_positive) and os.environ.get("RANK", "0") == "0":  # before logging is set up
+            print(f"warning: --spo-target-from-scores: {missing + not_positive} of {len(gaps)} pairs of {flag} carry "
+                  f"no training signal ({missing} without both scores, {not_positive} with score_chosen <= "
+                  "score_rejected): they are skipped, and still count in the per-pair mean", file=sys.stderr, flush=True)
 
 
 def metric_names(loss_name: str, loss_config) -> list:
@@ -246,7 +270,7 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
         online = OnlineReference(_reference_model(run, source, model_cfg), forward_step)
         return {split: online for split in loaders}
 
-    cache_root = Path(run.reference.ref_cache_dir or (Path(run.checkpoint.save or "runs/last") / "reference_cache"))
+    cache_root = Path(reference_cache_dir(run.reference.ref_cache_dir, run.checkpoint.save))
     fingerprints = {"train": data.train_fingerprint, "valid": data.valid_fingerprint}
     precision = ("bf16" if run.precision.bf16 else "fp32") + (
         f"+fp8-{run.precision.fp8_format}-{run.precision.fp8_recipe}" if run.precision.fp8_format else "")
@@ -318,6 +342,18 @@ def demo_exact_match(model_chunks, tokenizer, use_thd: bool, split: str = "test"
     return demo_task.exact_match_accuracy([r["prompt"] for r in rows], texts)
 
 
+def _pair_loader(flag: str, dataset, **kwargs):
+    """PackedPairLoader whose DataError names the flag of its data."""
+    from megatron_pref.data.errors import DataError
+    from megatron_pref.data.packing import PackedPairLoader
+
+    try:
+        return PackedPairLoader(dataset, **kwargs)
+    except DataError as exc:
+        hint = "" if kwargs.get("evaluation_only") else " (lower --global-batch-size, or give more pairs)"
+        raise DataError(f"{flag}: {exc}{hint}") from None
+
+
 def _train_iters(run: RunConfig, loader) -> int:
     if run.optim.train_iters:
         return run.optim.train_iters
@@ -330,7 +366,7 @@ def train(run: RunConfig) -> dict:
     """Run preference training; returns the final metrics (on every rank)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_pref.data.packing import PackedPairLoader, compute_pad_multiple
+    from megatron_pref.data.packing import compute_pad_multiple
 
     # --- Cheap validation of files, before any process group or model --------------------
     checkpoint_model = None
@@ -364,6 +400,7 @@ def train(run: RunConfig) -> dict:
         raise ConfigError(f"--global-batch-size {run.optim.global_batch_size} is not divisible by the "
                           f"data-parallel size {data_parallel_size}")
     data = build_data(run)
+    check_scores(run, data)
     model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
     if run.reference.ref_load:
         _check_reference_architecture(run.reference.ref_load, model_cfg, check_vocab=True)
@@ -385,10 +422,11 @@ def train(run: RunConfig) -> dict:
                                         fp8_recipe=run.precision.fp8_recipe)
     loader_kwargs = dict(seq_length=run.data.seq_length, dp_rank=dp_rank, dp_size=dp_size, seed=run.seed,
                          pad_multiple=pad_multiple, max_prompt_length=run.data.max_prompt_length)
-    train_loader = PackedPairLoader(data.train, global_batch_pairs=run.optim.global_batch_size,
-                                    shuffle=run.data.shuffle, **loader_kwargs)
-    valid_loader = (PackedPairLoader(data.valid, global_batch_pairs=dp_size, **loader_kwargs)
-                    if data.valid is not None else None)
+    train_loader = _pair_loader("--data-path", data.train, global_batch_pairs=run.optim.global_batch_size,
+                                shuffle=run.data.shuffle, **loader_kwargs)
+    # Evaluation takes every usable pair once: fewer pairs than data-parallel ranks is fine.
+    valid_loader = (_pair_loader("--valid-data-path", data.valid, global_batch_pairs=dp_size, evaluation_only=True,
+                                 **loader_kwargs) if data.valid is not None else None)
     train_iters = _train_iters(run, train_loader)
 
     # --- Model, optimizer, scheduler, state ------------------------------------------------

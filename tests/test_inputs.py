@@ -17,7 +17,7 @@ from megatron_pref.checkpointing import CheckpointError
 from megatron_pref.data import demo_task
 from megatron_pref.data.errors import DataError
 from megatron_pref.model import ParallelConfig
-from tests.test_training import MODEL_FLAGS, _demo_subset, _train, data_flags
+from tests.test_training import MODEL_FLAGS, _demo_subset, _train, data_flags, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", demo_task.demo_tokenizer_path()]
@@ -30,25 +30,140 @@ def a_file(tmp_path):
     return str(path)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--min-lr", "1", "--lr", "0.001"], "--min-lr 1.0 is above --lr 0.001"),
-    (["--adam-beta1", "2"], r"--adam-beta1 must be in \[0, 1\), got 2.0"),
-    (["--norm-epsilon", "-1"], "--norm-epsilon must be > 0"),
-    (["--init-method-std", "0"], "--init-method-std must be > 0"),
-    (["--rotary-percent", "0"], r"--rotary-percent must be in \(0, 1\]"),
-    (["--hidden-dropout", "1"], r"--hidden-dropout must be in \[0, 1\)"),
-    (["--num-layers-per-virtual-pipeline-stage", "1"], "needs --pipeline-model-parallel-size > 1"),
-    (["--num-layers-per-virtual-pipeline-stage", "0", "--pipeline-model-parallel-size", "2"], "must be >= 1"),
-    (["--num-layers", "6", "--num-layers-per-virtual-pipeline-stage", "2", "--pipeline-model-parallel-size", "2"],
-     "--num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x --num-layers-per-virtual-pipeline-stage 2"),
-    (["--train-iters", "abc"], r"argument --train-iters: invalid int value: 'abc' \(see --help\)"),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--valid-data-path", "v.jsonl"], "--valid-data-path needs --data-path"),
-    (["--tokenizer-model", "t.model"], "--tokenizer-model needs --data-path"),
-])
-def test_bad_flags_are_config_errors(args, message):
-    with pytest.raises(ConfigError, match=message):
-        parse_run_config(args)
+# --------------------------------------------------------------------------- the bad-input table
+#
+# One row per bad input found (add one with every bug): pretrain_pref.py's flags, the start of
+# the one stderr line it must print, its exit status, and the paths (under the working directory
+# the row runs in) that must not exist afterwards. Rows run in-process through pretrain_pref.main,
+# the entry point torchrun starts; all of them stop before any process group exists.
+# In flags, {tmp} is the row's working directory and {data} the module's data directory.
+
+
+def _write_rows_without_scores(tmp, request):
+    lines = Path(demo_task.demo_data_path("train")).read_text().splitlines()[:12]
+    rows = [{k: v for k, v in json.loads(line).items() if not k.startswith("score")} for line in lines]
+    (tmp / "noscores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _checkpoint_with(**model):
+    def prepare(tmp, request):
+        directory, _ = request.getfixturevalue("checkpoint")
+        shutil.copytree(directory / "ck", tmp / "ck")
+        _edit_config(tmp / "ck" / "megatron_pref_config.json", **model)
+    return prepare
+
+
+def _row(argv, first_line, code=2, absent=(), prepare=None, cwd=None, id=None):
+    """``first_line``: a regex for the start of the one stderr line. ``absent``: paths relative to
+    the working directory; ``runs`` (the default output location) is always checked."""
+    return pytest.param(argv, first_line, code, ("runs",) + tuple(absent), prepare, cwd, id=id)
+
+
+BAD_INPUTS = [
+    _row(["--min-lr", "1", "--lr", "0.001"], "error: --min-lr 1.0 is above --lr 0.001", id="min-lr-above-lr"),
+    _row(["--adam-beta1", "2"], r"error: --adam-beta1 must be in \[0, 1\), got 2.0", id="adam-beta1-range"),
+    _row(["--norm-epsilon", "-1"], "error: --norm-epsilon must be > 0", id="norm-epsilon-negative"),
+    _row(["--init-method-std", "0"], "error: --init-method-std must be > 0", id="init-method-std-0"),
+    _row(["--rotary-percent", "0"], r"error: --rotary-percent must be in \(0, 1\]", id="rotary-percent-0"),
+    _row(["--hidden-dropout", "1"], r"error: --hidden-dropout must be in \[0, 1\)", id="hidden-dropout-1"),
+    _row(["--num-layers-per-virtual-pipeline-stage", "1"], "error: .*needs --pipeline-model-parallel-size > 1", id="vpp-without-pp"),
+    _row(["--num-layers-per-virtual-pipeline-stage", "0", "--pipeline-model-parallel-size", "2"],
+         "error: --num-layers-per-virtual-pipeline-stage must be >= 1", id="vpp-0"),
+    _row(["--num-layers", "6", "--num-layers-per-virtual-pipeline-stage", "2", "--pipeline-model-parallel-size", "2"],
+         "error: --num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x "
+         "--num-layers-per-virtual-pipeline-stage 2", id="vpp-layers-not-divisible"),
+    _row(["--train-iters", "abc"], r"error: argument --train-iters: invalid int value: 'abc' \(see --help\)", id="train-iters-not-int"),
+    _row(["--no-such-flag"], "error: unrecognized arguments: --no-such-flag", id="unknown-flag"),
+    _row(["--valid-data-path", "v.jsonl"], "error: --valid-data-path needs --data-path", id="valid-data-path-without-data-path"),
+    _row(["--tokenizer-model", "t.model"], "error: --tokenizer-model needs --data-path", id="tokenizer-model-without-data-path"),
+    # issue 16 item 4: an empty MLP trained silently
+    _row(["--ffn-hidden-size", "0", "--save", "{tmp}/out"], "error: --ffn-hidden-size must be positive, got 0$",
+         absent=["out"], id="ffn-hidden-size-0"),
+    # item 7: model-shape flags, all checked before any data, process group or model
+    _row(["--ffn-hidden-size", "-5"], "error: --ffn-hidden-size must be positive, got -5$", id="ffn-hidden-size-negative"),
+    _row(["--kv-channels", "0"], "error: --kv-channels must be positive, got 0$", id="kv-channels-0"),
+    _row(["--kv-channels", "31"], r"error: RoPE needs an even rotary dimension >= 2: the head dimension 31 "
+                                  r"\(--kv-channels\) x --rotary-percent 1.0 = 31$", id="kv-channels-odd-rope"),
+    _row(["--kv-channels", "30", "--rotary-percent", "0.5"], "error: RoPE needs an even rotary dimension .* = 15$",
+         id="rotary-dimension-odd"),
+    _row(["--hidden-size", "130"], "error: --hidden-size 130 is not divisible by --num-attention-heads 4$",
+         id="hidden-size-not-divisible"),
+    _row(["--hidden-size", "120", "--num-attention-heads", "8"],
+         r"error: RoPE needs an even rotary dimension >= 2: the head dimension 15 \(--hidden-size / "
+         r"--num-attention-heads\)", id="head-dim-odd-rope"),
+    _row(["--num-query-groups", "3"], "error: --num-attention-heads 4 is not divisible by --num-query-groups 3$",
+         id="query-groups-not-dividing-heads"),
+    _row(["--num-query-groups", "0"], "error: --num-query-groups must be positive, got 0$", id="query-groups-0"),
+    _row(["--rotary-base", "0"], "error: --rotary-base must be positive, got 0$", id="rotary-base-0"),
+    _row(["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "255"],
+         "error: --ffn-hidden-size 255 is not divisible by --tensor-model-parallel-size 2$", id="ffn-not-divisible-by-tp"),
+    _row(["--tensor-model-parallel-size", "8"], "error: --num-attention-heads 4 is not divisible by "
+                                                "--tensor-model-parallel-size 8$", id="heads-not-divisible-by-tp"),
+    _row(["--tensor-model-parallel-size", "4", "--num-query-groups", "2"],
+         "error: --num-query-groups 2 is not divisible by --tensor-model-parallel-size 4$", id="groups-not-divisible-by-tp"),
+    # ... and the architecture a --load checkpoint brings is checked the same way
+    _row(["--load", "{tmp}/ck"], r"error: --load {tmp}/ck: bad model config in .*: RoPE needs an even rotary dimension",
+         prepare=_checkpoint_with(kv_channels=31), id="checkpoint-kv-channels-odd"),
+    _row(["--load", "{tmp}/ck", "--tensor-model-parallel-size", "2"],
+         "error: --ffn-hidden-size 63 is not divisible by --tensor-model-parallel-size 2$",
+         prepare=_checkpoint_with(ffn_hidden_size=63), id="checkpoint-ffn-not-divisible-by-tp"),
+    # item 8: the default reference cache (./runs/last/...) is probed like --ref-cache-dir
+    _row(["--train-iters", "1"], r"error: the default reference cache \(--ref-cache-dir\) runs/last/reference_cache: "
+                                 r"cannot write in /proc: .* \(give --ref-cache-dir or --save a writable directory",
+         cwd="/proc", id="default-reference-cache-unwritable"),
+    # item 12: --spo-target-from-scores needs scores: raw files and preprocessed prefixes
+    _row(["--loss", "spo", "--spo-target-from-scores", "--data-path", "{tmp}/noscores.jsonl", "--valid-data-path",
+          "{tmp}/noscores.jsonl", "--save", "{tmp}/out", *TOKENIZER, *MODEL_FLAGS],
+         "error: --spo-target-from-scores: --data-path {tmp}/noscores.jsonl has no score_chosen/score_rejected fields",
+         absent=["out"], prepare=_write_rows_without_scores, id="spo-scores-missing-raw"),
+    _row(["--loss", "spo", "--spo-target-from-scores", "--data-path", "{data}/p_noscores", "--valid-data-path",
+          "{data}/a.jsonl", *TOKENIZER, *MODEL_FLAGS],
+         "error: --spo-target-from-scores: --data-path {data}/p_noscores has no score_chosen/score_rejected",
+         id="spo-scores-missing-preprocessed"),
+    _row(["--loss", "spo", "--spo-target-from-scores", "--data-path", "{data}/a.jsonl", "--valid-data-path",
+          "{tmp}/noscores.jsonl", *TOKENIZER, *MODEL_FLAGS],
+         "error: --spo-target-from-scores: --valid-data-path {tmp}/noscores.jsonl has no score_chosen",
+         prepare=_write_rows_without_scores, id="spo-scores-missing-valid"),
+    # item 13
+    _row(["--seed", "-1"], r"error: --seed must be in \[0, 2\*\*32 - 1\], got -1$", id="seed-negative"),
+    _row(["--seed", str(2**32)], r"error: --seed must be in \[0, 2\*\*32 - 1\], got 4294967296$", id="seed-too-large"),
+]
+
+
+def _pretrain_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_pref", REPO / "pretrain_pref.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("argv,first_line,code,absent,prepare,cwd", BAD_INPUTS)
+def test_bad_input_table(argv, first_line, code, absent, prepare, cwd, tmp_path, monkeypatch, capsys, request):
+    import re
+
+    places = {"tmp": str(tmp_path)}
+    if any("{data}" in a for a in argv):
+        places["data"] = str(request.getfixturevalue("data_dir"))
+    if prepare is not None:
+        prepare(tmp_path, request)
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.chdir(cwd or tmp_path)
+
+    def no_process_group(*args, **kwargs):  # "before any expensive work", checked
+        raise AssertionError("the bad input reached the process group")
+
+    monkeypatch.setattr("megatron_pref.parallel.initialize", no_process_group)
+    got = _pretrain_main()([a.format(**places) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert got == code, err[-2000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.match(first_line.format(**{k: re.escape(v) for k, v in places.items()}), lines[0]), lines[0]
+    for path in absent:
+        assert not (tmp_path / path).exists(), path
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written at all
 
 
 def test_one_virtual_stage_per_rank_is_the_plain_schedule():
@@ -110,6 +225,36 @@ def test_seq_length_beyond_learned_positions_is_refused():
         train(parse_run_config(flags + ["--seq-length", "128"]))
 
 
+def test_flags_without_effect_are_one_warning_line_each(tmp_path, capsys):
+    """--save-interval without --save, --eval-interval/--eval-iters without validation data:
+    Megatron-LM ignores them silently; here one line says so (and the run goes on)."""
+    train_file = _demo_subset(tmp_path, "t.jsonl", 8)
+    data = ["--data-path", train_file, *TOKENIZER]
+    parse_run_config(data + ["--save-interval", "5", "--eval-interval", "10", "--eval-iters", "2"])
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --save-interval 5 has no effect without --save: no checkpoint is written",
+        "warning: --eval-interval 10 has no effect without --valid-data-path: no evaluation runs",
+        "warning: --eval-iters 2 has no effect without --valid-data-path: no evaluation runs"]
+    # Controls: with --save and a validation split, or on the demo (which has one), no warning.
+    parse_run_config(data + ["--valid-data-path", train_file, "--save", str(tmp_path / "ck"), "--save-interval", "5",
+                             "--eval-interval", "10"])
+    parse_run_config(["--eval-interval", "10"])
+    assert capsys.readouterr().err == ""
+
+
+def test_default_reference_cache_is_probed_only_when_used(tmp_path, monkeypatch):
+    """The default ./runs/last/reference_cache is probed when a precomputed reference will be
+    cached there; --save, --ref-cache-dir, --ref-logprobs online or a reference-free loss move
+    or remove it (then an unwritable working directory is fine)."""
+    monkeypatch.chdir("/proc")
+    with pytest.raises(ConfigError, match=r"the default reference cache \(--ref-cache-dir\) runs/last/reference_cache"):
+        parse_run_config([])
+    for flags in (["--save", str(tmp_path / "ck")], ["--ref-cache-dir", str(tmp_path / "c")],
+                  ["--ref-logprobs", "online"], ["--loss", "simpo"]):
+        parse_run_config(flags)
+    assert not os.listdir(tmp_path)
+
+
 # --------------------------------------------------------------------------- data files
 
 
@@ -122,6 +267,12 @@ def data_dir(tmp_path_factory):
     renamed = [json.loads(line) for line in lines[50:60]]
     (directory / "renamed.jsonl").write_text("".join(
         json.dumps({"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n" for r in renamed))
+    rows = [{k: v for k, v in json.loads(line).items() if not k.startswith("score")} for line in lines[60:72]]
+    (directory / "noscores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from megatron_pref.data.preprocess import main as preprocess  # in-process (one worker): no start-up cost
+
+    assert preprocess(["--input", str(directory / "noscores.jsonl"), "--output-prefix", str(directory / "p_noscores"),
+                       *TOKENIZER, "--workers", "1"]) == 0
     for name, source in (("p1", "a.jsonl"), ("p2", "b.ndjson")):
         subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_pref_data.py"), "--input", str(directory / source),
                         "--output-prefix", str(directory / name), *TOKENIZER, "--workers", "1"],
@@ -280,3 +431,69 @@ def test_damaged_tensor_data_names_the_cause(checkpoint, tmp_path):
     with pytest.raises(RuntimeError, match=r"cannot load the checkpoint's tensors \(EOFError: a file of the "
                                            r"checkpoint ends early"):
         run_on_ranks(_train, 1, ParallelConfig(), argv + ["--load", damaged], init_parallel=False)
+
+
+# --------------------------------------------------------------------------- scores and small splits
+
+
+def test_pairs_without_score_signal_are_counted_in_one_warning(tmp_path, capsys):
+    """--spo-target-from-scores skips pairs without both scores or with score_chosen <=
+    score_rejected: one warning line with the counts, before any process group."""
+    from megatron_pref.training import build_data, check_scores
+
+    lines = [json.loads(line) for line in Path(demo_task.demo_data_path("train")).read_text().splitlines()[:10]]
+    for row in lines[:3]:
+        del row["score_rejected"]
+    lines[3]["score_chosen"] = lines[3]["score_rejected"] = 2.0
+    path = tmp_path / "some_scores.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    flags = ["--data-path", str(path), "--valid-data-path", str(path), *TOKENIZER, *MODEL_FLAGS, "--loss", "spo"]
+    run = parse_run_config(flags + ["--spo-target-from-scores"])
+    data = build_data(run)
+    capsys.readouterr()
+    check_scores(run, data)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: --spo-target-from-scores: 4 of 10 pairs of {flag} carry no training signal (3 without "
+                   "both scores, 1 with score_chosen <= score_rejected): they are skipped, and still count in the "
+                   "per-pair mean" for flag in ("--data-path", "--valid-data-path")]
+    check_scores(parse_run_config(flags), data)  # control: a constant target needs no scores
+    assert capsys.readouterr().err == ""
+
+
+def test_split_errors_name_their_flag(tmp_path):
+    """The loaders' errors name the flag of their data: a training set smaller than a global batch,
+    a validation set without a usable pair (every pair longer than --seq-length)."""
+    from megatron_pref.training import _pair_loader, build_data
+
+    short = _demo_subset(tmp_path, "short.jsonl", 4)
+    rows = [json.loads(line) for line in Path(short).read_text().splitlines()]
+    long_rows = [dict(r, prompt=r["prompt"] + " 1" * 200) for r in rows]
+    long_file = tmp_path / "long.jsonl"
+    long_file.write_text("".join(json.dumps(r) + "\n" for r in long_rows))
+    data = build_data(parse_run_config(["--data-path", short, "--valid-data-path", str(long_file), *TOKENIZER,
+                                        *MODEL_FLAGS]))
+    with pytest.raises(DataError, match=r"^--data-path: only 4 usable pairs, fewer than a global batch of 8 .*"
+                                        r"\(lower --global-batch-size, or give more pairs\)$"):
+        _pair_loader("--data-path", data.train, seq_length=64, global_batch_pairs=8)
+    with pytest.raises(DataError, match=r"^--valid-data-path: no usable pairs \(0/4 pairs usable .*too_long=4"):
+        _pair_loader("--valid-data-path", data.valid, seq_length=64, global_batch_pairs=2, dp_size=2,
+                     evaluation_only=True)
+    # Control: one usable pair is a validation set, even at two data-parallel ranks.
+    loader = _pair_loader("--valid-data-path", data.train, seq_length=64, global_batch_pairs=2, dp_size=2, dp_rank=1,
+                          evaluation_only=True)
+    assert loader.num_usable_pairs == 4
+
+
+def test_validation_smaller_than_data_parallel_size_evaluates_like_one_rank(distributed, tmp_path):
+    """One validation pair at DP=2: rank 1 evaluates nothing and still joins the reductions;
+    every evaluation number equals DP=1's (the reference pass for that split too)."""
+    train_file = _demo_subset(tmp_path, "t.jsonl", 16)
+    valid_file = _demo_subset(tmp_path, "v.jsonl", 1)
+    argv = data_flags(train_file, valid_file) + MODEL_FLAGS + ["--loss", "dpo", "--train-iters", "1"]
+    one = run_training(distributed, 1, argv + ["--ref-cache-dir", str(tmp_path / "c1")])[0]
+    two = run_training(distributed, 2, argv + ["--ref-cache-dir", str(tmp_path / "c2")])[0]
+    for when in ("eval_before", "eval_after"):
+        assert one[when].keys() == two[when].keys()
+        for name, value in one[when].items():
+            assert two[when][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (when, name)
+    assert one["eval_before"]["eval/logps/chosen"] < 0  # the pair was evaluated (not an empty mean)

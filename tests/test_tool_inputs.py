@@ -127,6 +127,51 @@ def test_flag_errors_are_one_line_with_exit_2_in_every_tool(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+# --- the tools' bad-input table --------------------------------------------------------------------
+#
+# One row per bad input found: the tool, its flags ({tmp}: the working directory the row runs in;
+# {same}: the config-only checkpoint of the `models` fixture), needles of the one `error:` line
+# (exit status 2), and the paths under {tmp} that must not exist afterwards. In-process, through
+# the tool's main(argv).
+
+def _main_of(tool: str):
+    if tool == "convert_megatron_to_hf":
+        from megatron_pref.convert.cli import megatron_to_hf_main
+
+        return megatron_to_hf_main
+    return load_tool(tool).main
+
+
+TOOL_BAD_INPUTS = [
+    # issue 16: --bench wrote bench.jsonl into the working directory unasked
+    pytest.param("make_demo_data", ["--bench", "3"], ["--bench needs --bench-out FILE"], ["bench.jsonl"],
+                 id="bench-without-bench-out"),
+    pytest.param("make_demo_data", ["--bench-out", "{tmp}/b.jsonl"], ["--bench-out needs --bench N"], ["b.jsonl"],
+                 id="bench-out-without-bench"),
+    # issue 16: a missing --iteration was "not a complete distributed checkpoint"
+    pytest.param("convert_megatron_to_hf", ["--load", "{same}", "--save", "{tmp}/out", "--iteration", "99"],
+                 ["--iteration 99: ", "has no iter_0000099; available iterations: 0"], ["out"],
+                 id="export-missing-iteration"),
+]
+
+
+@pytest.mark.parametrize("tool,argv,needles,absent", TOOL_BAD_INPUTS)
+def test_tool_bad_input_table(tool, argv, needles, absent, models, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    places = {"tmp": str(tmp_path), "same": str(models["same"])}
+    check_main(capsys, _main_of(tool), [a.format(**places) for a in argv], *needles)
+    for path in absent:
+        assert not (tmp_path / path).exists(), path
+    assert not os.listdir(tmp_path)
+
+
+def test_bench_writes_where_bench_out_says(tmp_path, monkeypatch):
+    """Control for the rows above: --bench with --bench-out writes that file and nothing else."""
+    monkeypatch.chdir(tmp_path)
+    assert load_tool("make_demo_data").main(["--bench", "2", "--bench-out", "sub/b.jsonl"]) == 0
+    assert os.listdir(tmp_path) == ["sub"] and len((tmp_path / "sub" / "b.jsonl").read_text().splitlines()) == 2
+
+
 # --- verify_conversion.py ------------------------------------------------------------------------
 
 def test_verify_refuses_bad_hf_dirs_without_network(models, tmp_path, capsys):

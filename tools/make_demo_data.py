@@ -4,7 +4,8 @@ train/valid/test JSONL splits of the addition preference task and the
 SentencePiece tokenizer trained on them. Deterministic for a given seed.
 
 ``--bench N --bench-out FILE [--bench-format add|chat]`` instead writes N
-synthetic pairs for measuring preprocessing throughput: ``add`` rows are
+synthetic pairs to FILE (required: nothing is written to the working directory
+unasked) for measuring preprocessing throughput: ``add`` rows are
 addition pairs (for the demo tokenizer), ``chat`` rows are UltraFeedback-style
 message lists with ~60-word prompts and ~150-word responses (use a byte-level
 tokenizer such as ``--bench-hf-tokenizer DIR``, which writes the tiny test
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=demo_task.DEMO_DIR)
     p.add_argument("--seed", type=int, default=demo_task.DEFAULT_SEED)
     p.add_argument("--bench", type=int, default=0, metavar="N", help="write N synthetic pairs instead")
-    p.add_argument("--bench-out", default="bench.jsonl")
+    p.add_argument("--bench-out", default=None, metavar="FILE", help="where --bench writes its pairs (required)")
     p.add_argument("--bench-format", choices=("add", "chat"), default="add")
     p.add_argument("--bench-hf-tokenizer", default=None, metavar="DIR",
                    help="also write a tiny byte-level HF tokenizer with a chat template to DIR")
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     if args.bench < 0:
         p.error(f"--bench must be >= 1 (or 0: the demo assets), got {args.bench}")
     if args.bench:
+        if args.bench_out is None:  # never a file in the working directory that nobody asked for
+            p.error("--bench needs --bench-out FILE (where to write the pairs)")
         problem = check_output_file(args.bench_out, "--bench-out")
         if not problem and args.bench_hf_tokenizer is not None:
             problem = check_output_dir(args.bench_hf_tokenizer, "--bench-hf-tokenizer")
@@ -86,8 +89,9 @@ def main(argv=None) -> int:
             make_tiny_hf_tokenizer(args.bench_hf_tokenizer)
             print(f"tokenizer: {args.bench_hf_tokenizer}")
         return 0
-    if args.bench_hf_tokenizer is not None:
-        p.error("--bench-hf-tokenizer needs --bench N")
+    for flag, value in (("--bench-out", args.bench_out), ("--bench-hf-tokenizer", args.bench_hf_tokenizer)):
+        if value is not None:
+            p.error(f"{flag} needs --bench N")
     problem = check_output_dir(args.out_dir, "--out-dir")
     if problem:
         exit_with_error(problem)

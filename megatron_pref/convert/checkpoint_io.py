@@ -161,6 +161,11 @@ def resolve_iteration_dir(ckpt_dir, iteration: Optional[int] = None) -> Path:
     ckpt_dir = Path(ckpt_dir)
     if iteration is not None:
         path = ckpt_dir / iteration_name(iteration)
+        if not path.exists():
+            available = sorted(int(p.name[len("iter_"):]) for p in ckpt_dir.glob("iter_*")
+                               if p.is_dir() and p.name[len("iter_"):].isdigit())
+            raise ConversionError(f"--iteration {iteration}: {ckpt_dir} has no {path.name}; available iterations: "
+                                  + (", ".join(map(str, available)) or "none"))
     elif (ckpt_dir / LATEST_FILE).is_file():
         name = (ckpt_dir / LATEST_FILE).read_text().strip()
         path = ckpt_dir / (iteration_name(int(name)) if name.isdigit() else name)

@@ -407,6 +407,20 @@ class ConcatPreferenceDataset:
         return replace(self.parts[part][i - int(self._offsets[part])], pair_id=i)
 
 
+def score_gaps(dataset) -> np.ndarray:
+    """``score_chosen - score_rejected`` per pair (float64, NaN where a score is missing); read
+    from the pair index of preprocessed data, without touching tokens."""
+    if isinstance(dataset, ConcatPreferenceDataset):
+        return np.concatenate([score_gaps(p) for p in dataset.parts]) if dataset.parts else np.zeros(0)
+    if isinstance(dataset, PreferenceDataset):
+        return (np.asarray(dataset.pairs["score_chosen"], dtype=np.float64)
+                - np.asarray(dataset.pairs["score_rejected"], dtype=np.float64))
+    missing = np.nan
+    return np.array([missing if p.score_chosen is None or p.score_rejected is None
+                     else p.score_chosen - p.score_rejected for p in (dataset[i] for i in range(len(dataset)))],
+                    dtype=np.float64)
+
+
 def is_raw_data_file(path) -> bool:
     """A JSONL/Parquet file (read and tokenised at load time), not a preprocessed prefix."""
     from .readers import JSONL_SUFFIXES, PARQUET_SUFFIXES

@@ -398,6 +398,8 @@ class PackedPairLoader:
     * This rank's pairs are packed first-fit-decreasing into packs of at most
       ``seq_length`` real tokens, each padded to a multiple of
       ``pad_multiple``. Ranks may get different numbers of packs.
+    * ``evaluation_only``: for :meth:`iter_once` only (no training batches); any number of
+      usable pairs >= 1 will do, fewer than ``dp_size`` included (some ranks then get none).
     """
 
     def __init__(
@@ -416,6 +418,7 @@ class PackedPairLoader:
         shuffle: bool = True,
         pad_to_seq_length: bool = False,
         balance: bool = True,
+        evaluation_only: bool = False,
     ):
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise DataError(f"invalid data-parallel rank {dp_rank} of {dp_size}")
@@ -441,7 +444,11 @@ class PackedPairLoader:
         self.consumed_pairs = int(consumed_pairs)
         self.stats = self.source.stats
         self._perm_cache: Dict[int, np.ndarray] = {}
-        if self.num_usable_pairs < self.global_batch_pairs:
+        # Evaluation (iter_once) takes any number of pairs: a data-parallel rank may get none.
+        self.evaluation_only = evaluation_only
+        if evaluation_only and self.num_usable_pairs == 0:
+            raise DataError(f"no usable pairs ({self.stats.summary()})")
+        if not evaluation_only and self.num_usable_pairs < self.global_batch_pairs:
             raise DataError(
                 f"only {self.num_usable_pairs} usable pairs, fewer than a global batch of "
                 f"{self.global_batch_pairs} ({self.stats.summary()})"
@@ -510,6 +517,8 @@ class PackedPairLoader:
     def next_global_batch(self) -> List[PackedBatch]:
         """This rank's packs for the next global batch; advances
         ``consumed_pairs`` by ``global_batch_pairs``."""
+        if self.evaluation_only:
+            raise RuntimeError("an evaluation_only loader has no training batches (use iter_once)")
         mine, packs = self._global_batch_at(self.consumed_pairs)
         self.consumed_pairs += self.global_batch_pairs
         st = self.stats
@@ -574,6 +583,7 @@ def iter_packs_once(dataset, seq_length: int, dp_rank: int = 0, dp_size: int = 1
     step = max(pairs_per_step, dp_size)
     step -= step % dp_size
     loader = PackedPairLoader(dataset, seq_length, dp_size, dp_rank, dp_size, pad_multiple=pad_multiple,
-                              max_prompt_length=max_prompt_length, pad_id=pad_id, shuffle=False)
+                              max_prompt_length=max_prompt_length, pad_id=pad_id, shuffle=False,
+                              evaluation_only=True)
     for packs in loader.iter_once(step):
         yield from packs
