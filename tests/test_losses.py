@@ -17,6 +17,9 @@ from megatron_pref.losses import (
 )
 
 E = math.e
+#: The pairwise losses of TRL 1.16's DPOTrainer added under TRL's names (issue 13).
+NEW_TRL_LOSSES = {"sigmoid_norm", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop"}
 T = torch.float64  # double precision so closed-form comparisons can be tight
 
 
@@ -407,12 +410,19 @@ def test_sft_is_per_token_nll_of_chosen():
     assert out.loss_sum.item() == pytest.approx(5.0)
 
 
+def config_for(name, **kw):
+    """LossConfig(**kw), with the epsilon exo_pair cannot do without."""
+    if name == "exo_pair" and not kw.get("label_smoothing"):
+        kw["label_smoothing"] = 1e-3
+    return LossConfig(**kw)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_sft_weight_adds_exactly_the_nll_term(name):
     s = generic_stats()
-    base = compute_loss(name, s, LossConfig())
+    base = compute_loss(name, s, config_for(name))
     w = 0.7
-    out = compute_loss(name, s, LossConfig(sft_weight=w))
+    out = compute_loss(name, s, config_for(name, sft_weight=w))
     nll = t(2.0, 3.0)  # -(-6/3), -(-15/5)
     torch.testing.assert_close(out.pair_losses - base.pair_losses, w * nll)
     assert (out.loss_sum - base.loss_sum).item() == pytest.approx(w * 5.0, rel=1e-12)
@@ -424,8 +434,13 @@ def test_sft_weight_adds_exactly_the_nll_term(name):
 # --------------------------------------------------------------------------- #
 def test_every_loss_gives_a_distinct_objective():
     s = generic_stats()
-    values = {name: compute_loss(name, s, LossConfig()).loss_sum.item() for name in LOSSES}
-    assert set(values) == {"dpo", "ipo", "hinge", "spo", "slime", "simpo", "orpo", "sft"}
+    # Break generic_stats' symmetry (apo_zero == apo_down there) and reverse the reference
+    # margins' order (aot == dpo when sorting keeps the pairing).
+    s.ref_chosen_logps, s.ref_rejected_logps = t(-7.3, -14.1), t(-8.0, -16.0)
+    # robust == dpo at label_smoothing 0 (rDPO's correction vanishes): compare at 0.1.
+    values = {name: compute_loss(name, s, config_for(name, label_smoothing=0.1 if name == "robust" else 0.0))
+              .loss_sum.item() for name in LOSSES}
+    assert set(values) == {"dpo", "ipo", "hinge", "spo", "slime", "simpo", "orpo", "sft"} | NEW_TRL_LOSSES
     vals = sorted(values.values())
     assert all(b - a > 1e-6 for a, b in zip(vals, vals[1:])), values
 
@@ -440,15 +455,16 @@ def test_unknown_loss_name_lists_valid_names():
 
 
 def test_requires_reference():
-    assert {n for n in LOSSES if requires_reference(n)} == {"dpo", "ipo", "hinge", "spo"}
+    assert {n for n in LOSSES if requires_reference(n)} == {"dpo", "ipo", "hinge", "spo"} | NEW_TRL_LOSSES
+    assert requires_reference("sft,dpo") and not requires_reference("sft,simpo")
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "spo"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "spo"] + sorted(NEW_TRL_LOSSES))
 def test_reference_losses_need_reference(name):
     s = generic_stats()
     s.ref_rejected_logps = None
     with pytest.raises(ValueError, match="ref_rejected_logps"):
-        compute_loss(name, s, LossConfig())
+        compute_loss(name, s, config_for(name))
 
 
 @pytest.mark.parametrize("name", ["slime", "simpo", "orpo", "sft"])
@@ -474,23 +490,23 @@ def test_reference_metrics_are_beta_log_ratios(name):
     assert all(not v.requires_grad and v.shape == (2,) for v in m.values())
 
 
-def test_ipo_metrics_are_per_token_like_trl():
-    """TRL's DPO trainer averages log-probs per token for IPO: rewards are beta * (lbar -
-    ref_lbar), and their accuracy agrees with the per-token gap IPO regresses."""
-    beta = 0.5
-    # Sequence level the chosen ratio (+2) beats the rejected one (+1); per token it does not
-    # (+0.2 against +0.5), and hbar < 0 says so.
-    s = PairStats(chosen_logps=t(-18.0), rejected_logps=t(-9.0), chosen_lengths=t(10.0), rejected_lengths=t(2.0),
-                  ref_chosen_logps=t(-20.0), ref_rejected_logps=t(-10.0))
-    m = compute_loss("ipo", s, LossConfig(beta=beta)).metrics
-    torch.testing.assert_close(m["rewards/chosen"], t(beta * 0.2))
-    torch.testing.assert_close(m["rewards/rejected"], t(beta * 0.5))
+def test_ipo_metrics_are_sequence_level_like_trl_1_16():
+    """TRL 1.16 averages per token only inside the IPO loss; rewards/* and logps/* stay
+    sequence level (issue 13's reproduction; TRL <= 0.27 and our old code gave 0.01, 0.002,
+    accuracy 1 and logps -1)."""
+    beta = 0.1
+    s = PairStats(chosen_logps=t(-10.0), rejected_logps=t(-30.0), chosen_lengths=t(10.0),
+                  rejected_lengths=t(100.0), ref_chosen_logps=t(-11.0), ref_rejected_logps=t(-32.0))
+    out = compute_loss("ipo", s, LossConfig(beta=beta))
+    m = out.metrics
+    torch.testing.assert_close(m["rewards/chosen"], t(0.1))
+    torch.testing.assert_close(m["rewards/rejected"], t(0.2))
     torch.testing.assert_close(m["rewards/accuracies"], t(0.0))
-    torch.testing.assert_close(m["logps/chosen"], t(-1.8))
-    torch.testing.assert_close(m["logps/rejected"], t(-4.5))
-    assert m["ipo/hbar"].item() == pytest.approx(-0.3)
-    # Control: DPO on the same pair logs the sequence-level ratios, which call it accurate.
-    assert compute_loss("dpo", s, LossConfig(beta=beta)).metrics["rewards/accuracies"].item() == 1.0
+    torch.testing.assert_close(m["logps/chosen"], t(-10.0))
+    torch.testing.assert_close(m["logps/rejected"], t(-30.0))
+    # The loss itself still regresses the per-token gap: hbar = 1/10 - 2/100.
+    assert m["ipo/hbar"].item() == pytest.approx(0.08)
+    assert out.loss_sum.item() == pytest.approx((0.08 - 5.0) ** 2)
 
 
 @pytest.mark.parametrize("name", ["slime", "simpo", "orpo", "sft"])
