@@ -635,3 +635,130 @@ def test_spo_pair_without_scores_is_skipped():
     assert out.pair_losses[1].item() == 0.0 and out.pair_losses[0].item() > 0.0
     out.loss_sum.backward()
     assert torch.isfinite(stats.chosen_logps.grad).all() and stats.chosen_logps.grad[1].item() == 0.0
+
+
+# --------------------------------------------------------------------------- #
+# TRL 1.16's pairwise losses: closed forms (tests/test_losses_trl.py checks them against TRL)
+# --------------------------------------------------------------------------- #
+def one_pair(rho_c, rho_r, len_c=2.0, len_r=5.0, grad=False):
+    """One pair with log-ratios rho_c, rho_r (reference -4 and -6)."""
+    return PairStats(chosen_logps=t(-4.0 + rho_c, grad=grad), rejected_logps=t(-6.0 + rho_r, grad=grad),
+                     chosen_lengths=t(len_c), rejected_lengths=t(len_r),
+                     ref_chosen_logps=t(-4.0), ref_rejected_logps=t(-6.0))
+
+
+def logsig(x):
+    return -softplus(-x)
+
+
+RC, RR, BETA = 0.7, -0.4, 0.5  # rho_c, rho_r, beta of the closed forms below
+CLOSED_FORMS = {
+    "sigmoid_norm": ({}, -logsig(BETA * (RC / 2 - RR / 5))),
+    "nca_pair": ({}, -logsig(BETA * RC) - 0.5 * logsig(-BETA * RC) - 0.5 * logsig(-BETA * RR)),
+    "robust": ({"label_smoothing": 0.2},
+               (-(0.8) * logsig(BETA * (RC - RR)) + 0.2 * logsig(-BETA * (RC - RR))) / 0.6),
+    "bco_pair": ({}, -logsig(BETA * RC) - logsig(-BETA * RR)),
+    "sppo_hard": ({}, (RC - 1.0) ** 2 + (RR + 1.0) ** 2),
+    "apo_zero": ({}, 1 - sigmoid(BETA * RC) + sigmoid(BETA * RR)),
+    "apo_down": ({}, sigmoid(BETA * RC) + 1 - sigmoid(BETA * (RC - RR))),
+    "exo_pair": ({"label_smoothing": 0.01},
+                 sigmoid(BETA * (RC - RR)) * (logsig(BETA * (RC - RR)) - math.log(0.99))
+                 + sigmoid(-BETA * (RC - RR)) * (logsig(-BETA * (RC - RR)) - math.log(0.01))),
+    "discopop": ({"discopop_tau": 0.05},
+                 (1 - sigmoid(BETA * (RC - RR) / 0.05)) * -logsig(BETA * (RC - RR))
+                 + sigmoid(BETA * (RC - RR) / 0.05) * math.exp(-BETA * (RC - RR))),
+    # One pair: sorting changes nothing, so both AOT variants are (label-smoothed) DPO.
+    "aot": ({"label_smoothing": 0.1}, -0.9 * logsig(BETA * (RC - RR)) - 0.1 * logsig(-BETA * (RC - RR))),
+    "aot_unpaired": ({}, -logsig(BETA * (RC - RR))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORMS))
+def test_trl_loss_closed_form(name):
+    options, expected = CLOSED_FORMS[name]
+    out = compute_loss(name, one_pair(RC, RR), LossConfig(beta=BETA, **options))
+    assert out.loss_sum.item() == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(out.pair_losses, t(expected))
+    # TRL 1.16's metrics: sequence-level beta * rho for every loss.
+    torch.testing.assert_close(out.metrics["rewards/chosen"], t(BETA * RC))
+    torch.testing.assert_close(out.metrics["rewards/rejected"], t(BETA * RR))
+
+
+def test_closed_forms_cover_every_new_loss():
+    assert set(CLOSED_FORMS) == NEW_TRL_LOSSES
+
+
+def test_aot_sorts_over_the_micro_batch():
+    """AOT couples pairs: delta_i = sorted(policy margins)_i - sorted(reference margins)_i."""
+    s = PairStats(chosen_logps=t(-1.0, -2.0), rejected_logps=t(-3.0, -1.0), chosen_lengths=t(1.0, 1.0),
+                  rejected_lengths=t(1.0, 1.0), ref_chosen_logps=t(-2.0, -1.0), ref_rejected_logps=t(-2.5, -4.0))
+    # policy margins (2, -1) -> sorted (-1, 2); reference margins (0.5, 3) -> sorted (0.5, 3).
+    out = compute_loss("aot", s, LossConfig(beta=1.0))
+    torch.testing.assert_close(out.pair_losses, t(-logsig(-1.5), -logsig(-1.0)))
+    # aot_unpaired: rho_c = (1, -1) -> (-1, 1); rho_r = (-0.5, 3) -> (-0.5, 3).
+    out = compute_loss("aot_unpaired", s, LossConfig(beta=1.0))
+    torch.testing.assert_close(out.pair_losses, t(-logsig(-0.5), -logsig(-2.0)))
+
+
+def test_discopop_is_finite_for_badly_inverted_pairs():
+    """exp(-x) overflows float32 at x < -88; the weight sigmoid(x/tau) underflows first, and
+    TRL's product gives 0 * inf = NaN. Ours is exp(log sigmoid(x/tau) - x): finite."""
+    s = PairStats(chosen_logps=t(-500.0, dtype=torch.float32, grad=True), rejected_logps=t(-1.0, dtype=torch.float32),
+                  chosen_lengths=t(1.0, dtype=torch.float32), rejected_lengths=t(1.0, dtype=torch.float32),
+                  ref_chosen_logps=t(-1.0, dtype=torch.float32), ref_rejected_logps=t(-1.0, dtype=torch.float32))
+    out = compute_loss("discopop", s, LossConfig(beta=1.0))
+    out.loss_sum.backward()
+    assert math.isfinite(out.loss_sum.item()) and math.isfinite(s.chosen_logps.grad.item())
+    # Control: the naive product is NaN here.
+    x = torch.tensor(-499.0)
+    assert math.isnan((torch.sigmoid(x / 0.05) * torch.exp(-x)).item())
+
+
+@pytest.mark.parametrize("kind, score", [
+    ("forward_kl", lambda r: 1 - math.exp(-r)),
+    ("js_divergence", lambda r: math.log(2) + logsig(r)),
+    ("alpha_divergence", lambda r: (math.exp(-0.5 * r) - 1) / -0.5),
+])
+def test_f_divergence_scores_closed_form(kind, score):
+    """f-DPO: DPO on f'(u) with u = pi/pi_ref (alpha = 0.5 for alpha_divergence)."""
+    out = compute_loss("dpo", one_pair(RC, RR), LossConfig(beta=BETA, f_divergence_type=kind))
+    assert out.loss_sum.item() == pytest.approx(-logsig(BETA * (score(RC) - score(RR))), rel=1e-12)
+    # alpha -> 1 is reverse KL, plain DPO.
+    plain = compute_loss("dpo", one_pair(RC, RR), LossConfig(beta=BETA)).loss_sum.item()
+    assert plain == pytest.approx(-logsig(BETA * (RC - RR)), rel=1e-12)
+    assert compute_loss("dpo", one_pair(RC, RR), LossConfig(
+        beta=BETA, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)).loss_sum.item() == plain
+
+
+@pytest.mark.parametrize("spec, options, match", [
+    ("bco_pair", {"f_divergence_type": "forward_kl"}, "--f-divergence-type forward_kl does not apply to --loss bco_pair"),
+    ("exo_pair", {}, "exo_pair' needs --label-smoothing > 0"),
+    ("robust", {"label_smoothing": 0.5}, "robust' needs --label-smoothing < 0.5"),
+    ("ipo", {"label_smoothing": 0.1}, "label_smoothing"),
+    ("dpo,sft", {"loss_weights": "1.0"}, "--loss-weights has 1 weight"),
+    ("dpo,sft", {"loss_weights": "1,x"}, "comma-separated numbers"),
+    ("dpo,dpo", {}, "names a loss twice"),
+    ("sigmoid", {}, "TRL's 'sigmoid' is our 'dpo'"),
+])
+def test_bad_options_are_refused(spec, options, match):
+    with pytest.raises(ValueError, match=match):
+        compute_loss(spec, one_pair(RC, RR), LossConfig(**options))
+
+
+def test_weighted_combination_is_the_weighted_sum():
+    s = generic_stats()
+    parts = {n: compute_loss(n, s, LossConfig()) for n in ("dpo", "sft", "simpo")}
+    out = compute_loss("dpo,sft,simpo", s, LossConfig(loss_weights="1.0,0.2,0.5"))
+    expected = parts["dpo"].loss_sum + 0.2 * parts["sft"].loss_sum + 0.5 * parts["simpo"].loss_sum
+    assert out.loss_sum.item() == pytest.approx(expected.item(), rel=1e-12)
+    for n in parts:
+        assert out.metrics[f"loss/{n}"].sum().item() == pytest.approx(parts[n].loss_sum.item(), rel=1e-12)
+    # The first term's metrics (DPO's sequence-level rewards), not SimPO's.
+    torch.testing.assert_close(out.metrics["rewards/chosen"], parts["dpo"].metrics["rewards/chosen"])
+    # --sft-weight is the shorthand of "<loss>,sft" with weights 1,w.
+    shorthand = compute_loss("dpo", s, LossConfig(sft_weight=0.2)).loss_sum
+    assert compute_loss("dpo,sft", s, LossConfig(loss_weights="1,0.2")).loss_sum.item() == pytest.approx(
+        shorthand.item(), rel=1e-12)
+    # Unset weights are 1.0 each.
+    assert compute_loss("dpo,sft", s, LossConfig()).loss_sum.item() == pytest.approx(
+        (parts["dpo"].loss_sum + parts["sft"].loss_sum).item(), rel=1e-12)
