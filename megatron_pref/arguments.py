@@ -137,7 +137,7 @@ def _model_flag_names() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_pref.losses import F_DIVERGENCES, LOSSES, LossConfig
+    from megatron_pref.losses import F_DIVERGENCES, LOSSES, NLL_NORMALIZATIONS, LossConfig
 
     from megatron_pref.cli_errors import OneLineArgumentParser
 
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.name == "f_divergence_type":
             g.add_argument(_flag(f.name), choices=F_DIVERGENCES, default=default)
+        elif f.name == "nll_normalization":
+            g.add_argument(_flag(f.name), choices=NLL_NORMALIZATIONS, default=default)
         elif isinstance(default, bool):
             g.add_argument(_flag(f.name), action="store_true", default=default)
         else:

@@ -89,6 +89,8 @@ class PairStats:
     rejected_token_logps: Optional[Tensor] = None
     rejected_token_mask: Optional[Tensor] = None
     pairs_per_rejected_token: Optional[Union[float, Tensor]] = None
+    # --nll-normalization token: global_pairs / global_chosen_tokens (local P / N when omitted).
+    pairs_per_chosen_token: Optional[Union[float, Tensor]] = None
 
 
 @dataclass
@@ -140,8 +142,13 @@ class LossConfig:
     simpo_gamma: float = 0.5
     # ORPO weight of the odds-ratio term (paper/TRL default 0.1).
     orpo_lambda: float = 0.1
-    # RPO-style extra NLL of the chosen response (per-token averaged), any loss.
+    # RPO-style extra NLL of the chosen response, any loss (shorthand of "--loss <loss>,sft
+    # --loss-weights 1,<w>").
     sft_weight: float = 0.0
+    # NLL of the chosen responses (sft, --sft-weight, ORPO's NLL): "sequence" = each response's
+    # token mean, then the pair mean; "token" = mean over every chosen response token of the
+    # global batch (TRL's, at one rank and one micro-batch).
+    nll_normalization: str = "sequence"
 
     def validate(self) -> "LossConfig":
         """Raise ``ValueError`` naming the offending argument; returns self."""
@@ -167,6 +174,8 @@ class LossConfig:
             raise bad("label_smoothing", "must be in [0, 0.5]")
         if self.f_divergence_type not in F_DIVERGENCES:
             raise bad("f_divergence_type", f"must be one of {', '.join(F_DIVERGENCES)}")
+        if self.nll_normalization not in NLL_NORMALIZATIONS:
+            raise bad("nll_normalization", f"must be one of {', '.join(NLL_NORMALIZATIONS)}")
         if self.discopop_tau <= 0:
             raise bad("discopop_tau", "must be > 0")
         self.weights()  # parses loss_weights (ValueError naming --loss-weights)
@@ -251,6 +260,26 @@ def _reference_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor
     TRL 1.16's DPO trainer logs them for every one of its losses (IPO included)."""
     rho_c, rho_r = _log_ratios(stats)
     return _metrics(config.beta * rho_c, config.beta * rho_r, stats.chosen_logps, stats.rejected_logps)
+
+
+NLL_NORMALIZATIONS = ("sequence", "token")
+
+
+def _chosen_nll(stats: PairStats, config: LossConfig) -> Tensor:
+    """Per-pair NLL of the chosen response under ``config.nll_normalization``.
+
+    * ``sequence``: ``-logp_w / len_w`` (every pair weighs the same, whatever its length).
+    * ``token``: ``-logp_w * G / N`` with ``G / N = pairs_per_chosen_token`` of the global batch,
+      so ``sum over pairs / G`` is the mean NLL over every chosen token of the global batch
+      (split invariant; per-token weight 1/N instead of 1/(G len_w)).
+    """
+    if config.nll_normalization == "sequence":
+        return -_avg(stats.chosen_logps, stats.chosen_lengths)
+    ppt = stats.pairs_per_chosen_token
+    if ppt is None:
+        # Local fallback: exact only if this micro-batch is the whole global batch.
+        ppt = stats.chosen_logps.numel() / stats.chosen_lengths.sum().clamp(min=1.0)
+    return -stats.chosen_logps * ppt
 
 
 #: f-divergences of the implicit reward (f-DPO, Wang et al. 2023, arXiv:2309.16240): the
@@ -719,7 +748,7 @@ def orpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     cw = lbar_w.clamp(max=_ORPO_MAX_LBAR)
     cl = lbar_l.clamp(max=_ORPO_MAX_LBAR)
     log_odds = (cw - _log1mexp(cw)) - (cl - _log1mexp(cl))
-    nll = -lbar_w
+    nll = _chosen_nll(stats, config)
     ratio_loss = -F.logsigmoid(log_odds)
     losses = nll + config.orpo_lambda * ratio_loss
     # TRL's ORPO trainer scales its rewards by its beta, which is this lambda.
@@ -730,8 +759,10 @@ def orpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
 
 
 def sft_loss(stats: PairStats, config: LossConfig) -> LossOutput:
-    """Supervised fine-tuning on the chosen response: ``L = -lbar_w`` (per-token NLL)."""
-    losses = -_avg(stats.chosen_logps, stats.chosen_lengths)
+    """Supervised fine-tuning on the chosen response: ``L = -lbar_w`` (per-response token mean),
+    or with ``nll_normalization='token'`` the mean NLL over every chosen token of the global
+    batch (TRL 1.16's ``sft`` term)."""
+    losses = _chosen_nll(stats, config)
     return _output(losses, _reference_free_metrics(stats, config.beta))
 
 
@@ -909,6 +940,12 @@ def _prepare_stats(name: str, stats: PairStats, config: LossConfig, check_values
                     f"PairStats.rejected_lengths sums to {n_expected:g}"
                 )
 
+    ppct = stats.pairs_per_chosen_token
+    if isinstance(ppct, Tensor):
+        updates["pairs_per_chosen_token"] = _as_float(ppct.reshape(()))
+    elif ppct is not None and not (math.isfinite(ppct) and ppct > 0):
+        raise ValueError(f"PairStats.pairs_per_chosen_token must be finite and > 0, got {ppct}")
+
     if check_values and num_pairs:
         for fname in ("chosen_lengths", "rejected_lengths"):
             if not bool((getattr(stats, fname) > 0).all()):
@@ -960,7 +997,7 @@ def compute_loss(name: str, stats: PairStats, config: LossConfig, *, check_value
             term_metrics[f"loss/{n}"] = (term.loss_sum.detach() / num).expand_as(term.pair_losses).clone()
         out = LossOutput(loss_sum=loss_sum, pair_losses=pair_losses, metrics={**metrics, **term_metrics})
     if config.sft_weight > 0:
-        nll = -_avg(stats.chosen_logps, stats.chosen_lengths)
+        nll = _chosen_nll(stats, config)
         extra = config.sft_weight * nll
         out = LossOutput(
             loss_sum=out.loss_sum + extra.sum(),

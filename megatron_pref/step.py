@@ -32,6 +32,8 @@ class MicroBatch:
     ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
     # Global-batch normaliser for token-level terms (SLIME): global pairs / global rejected tokens.
     pairs_per_rejected_token: Optional[float] = None
+    # Same for the token-normalised NLL (--nll-normalization token): global pairs / global chosen tokens.
+    pairs_per_chosen_token: Optional[float] = None
 
 
 @dataclass
@@ -103,6 +105,7 @@ def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch):
         rejected_token_logps=stats.token_logps,
         rejected_token_mask=stats.rejected_token_mask,
         pairs_per_rejected_token=micro.pairs_per_rejected_token,
+        pairs_per_chosen_token=micro.pairs_per_chosen_token,
     )
 
 

@@ -22,7 +22,7 @@ from megatron_pref.checkpointing import (CheckpointError, TrainState, check_opti
                                          load_checkpoint, load_weights_only, read_model_config, read_train_state,
                                          save_checkpoint, validate_checkpoint_dir)
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
-                                  global_pair_counts, metric_sums_over_data_parallel, synchronize_params, train_step)
+                                  attach_token_normalisers, metric_sums_over_data_parallel, synchronize_params, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
 from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
@@ -301,9 +301,7 @@ def evaluate(model_chunks, loader, reference, forward_step, names, max_steps: Op
             break
         micro = [MicroBatch(p) for p in packs]
         reference.attach(micro)
-        step_pairs, rejected_tokens = global_pair_counts(micro)
-        for m in micro:
-            m.pairs_per_rejected_token = step_pairs / max(rejected_tokens, 1)
+        step_pairs = attach_token_normalisers(micro)
         # The last step may leave a data-parallel rank without pairs; it still joins the reductions.
         outputs = forward_only_pass(model_chunks, micro, forward_step) if micro else []
         for name, value in metric_sums_over_data_parallel(outputs, names).items():

@@ -762,3 +762,41 @@ def test_weighted_combination_is_the_weighted_sum():
     # Unset weights are 1.0 each.
     assert compute_loss("dpo,sft", s, LossConfig()).loss_sum.item() == pytest.approx(
         (parts["dpo"].loss_sum + parts["sft"].loss_sum).item(), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# --nll-normalization
+# --------------------------------------------------------------------------- #
+def two_chosen(**kw):
+    """Chosen responses [-1, -1] and 8 x [-0.25] (issue 13's example)."""
+    return PairStats(chosen_logps=t(-2.0, -2.0), rejected_logps=t(-3.0, -3.0), chosen_lengths=t(2.0, 8.0),
+                     rejected_lengths=t(1.0, 1.0), ref_chosen_logps=t(-2.0, -2.0),
+                     ref_rejected_logps=t(-3.0, -3.0), **kw)
+
+
+def test_nll_normalization_sequence_and_token():
+    seq = compute_loss("sft", two_chosen(), LossConfig())
+    assert seq.loss_sum.item() / 2 == pytest.approx(0.625)  # mean(1, 0.25)
+    tok = compute_loss("sft", two_chosen(), LossConfig(nll_normalization="token"))
+    assert tok.loss_sum.item() / 2 == pytest.approx(0.4)  # 4 / 10 tokens, TRL's sft
+    # The same for --sft-weight and ORPO's NLL term.
+    for name, cfg in (("dpo", {"sft_weight": 1.0}), ("orpo", {})):
+        a = compute_loss(name, two_chosen(), LossConfig(**cfg)).loss_sum.item()
+        b = compute_loss(name, two_chosen(), LossConfig(nll_normalization="token", **cfg)).loss_sum.item()
+        assert (a - b) / 2 == pytest.approx(0.625 - 0.4)
+
+
+def test_token_nll_is_split_invariant_with_the_global_ratio():
+    """Micro-batches of one pair each, given the global pairs/chosen-tokens ratio, add up to the
+    global token mean; the local fallback (P / N per micro-batch) does not (negative control)."""
+    whole = compute_loss("sft", two_chosen(), LossConfig(nll_normalization="token")).loss_sum.item()
+    parts = local = 0.0
+    for i in range(2):
+        s = two_chosen()
+        part = PairStats(**{f.name: (getattr(s, f.name)[i:i + 1] if isinstance(getattr(s, f.name), torch.Tensor)
+                                     else None) for f in dataclasses.fields(s)})
+        local += compute_loss("sft", part, LossConfig(nll_normalization="token")).loss_sum.item()
+        part.pairs_per_chosen_token = 2 / 10
+        parts += compute_loss("sft", part, LossConfig(nll_normalization="token")).loss_sum.item()
+    assert parts == pytest.approx(whole)
+    assert local != pytest.approx(whole)

@@ -119,7 +119,8 @@ def compare(spec, trl_types, weights=None, dtype=torch.float64, seed=0, equal_le
     ours, out = our_loss(ours_batch, spec, **({"loss_weights": ",".join(map(str, weights))} if weights else {}),
                          **config)
     ours.backward()
-    trl_config = {**{k: v for k, v in config.items() if k not in ("sft_weight",)}, **(trl_overrides or {})}
+    trl_config = {**{k: v for k, v in config.items() if k not in ("sft_weight", "nll_normalization")},
+                  **(trl_overrides or {})}
     theirs, theirs_metrics = trl_loss(theirs_batch, trl_types, weights, **trl_config)
     theirs.backward()
     our_metrics = {k: float(v.float().mean()) for k, v in out.metrics.items()}
@@ -150,6 +151,9 @@ CASES = {
     "dpo,bco_pair,sft": ("dpo,bco_pair,sft", ["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0],
                          {"equal_lengths": True}),
     "ipo,apo_zero": ("ipo,apo_zero", ["ipo", "apo_zero"], [0.5, 2.0], {}),
+    # TRL's sft is the mean over every chosen token of the batch: our --nll-normalization token.
+    "sft[token]": ("sft", ["sft"], None, {"nll_normalization": "token"}),
+    "dpo,sft[token]": ("dpo,sft", ["sigmoid", "sft"], [1.0, 0.2], {"nll_normalization": "token"}),
 }
 for _kind in ("forward_kl", "js_divergence"):
     for _name in ("dpo", "hinge", "ipo", "sigmoid_norm", "exo_pair", "robust", "discopop"):
@@ -175,7 +179,10 @@ def test_loss_matches_trl(case):
     # log(1 - eps) and log(eps) carry float32 rounding (~2e-8 relative) even in float64.
     tol = 1e-7 if spec == "exo_pair" else TOL[dtype]
     assert value < tol and grad < tol, (value, grad)
-    # Metrics: TRL 1.16's sequence-level rewards and logps, for every loss.
+    # Metrics: TRL 1.16's sequence-level rewards and logps, for every loss. (Our reference-free
+    # sft logs beta * lbar, as TRL's SFT-like trainers; TRL's DPOTrainer still logs beta * rho.)
+    if spec == "sft":
+        return
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-9), key
@@ -188,6 +195,8 @@ def test_trl_comparison_can_fail():
     assert value > 1e-4 and grad > 1e-2
     value, _, _, _ = compare("dpo", ["sigmoid"], label_smoothing=0.1)
     assert value > 1e-4  # TRL 1.16's sigmoid ignores label_smoothing; our dpo is cDPO
+    value, grad, _, _ = compare("sft", ["sft"])  # per-response NLL (our default) is not TRL's
+    assert value > 1e-3 and grad > 1e-2
 
 
 def test_trl_version():
