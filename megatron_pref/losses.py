@@ -46,6 +46,8 @@ __all__ = [
     "requires_reference",
     "loss_terms",
     "loss_weights",
+    "length_desensitised_logps",
+    "wpo_pair_weights",
     "check_options",
     "dpo_loss",
     "ipo_loss",
@@ -91,6 +93,9 @@ class PairStats:
     pairs_per_rejected_token: Optional[Union[float, Tensor]] = None
     # --nll-normalization token: global_pairs / global_chosen_tokens (local P / N when omitted).
     pairs_per_chosen_token: Optional[Union[float, Tensor]] = None
+    # --use-weighting (WPO): per response, mean over its tokens of log p(y_t) - log sum_v p(v)^2.
+    chosen_wpo_logweights: Optional[Tensor] = None
+    rejected_wpo_logweights: Optional[Tensor] = None
 
 
 @dataclass
@@ -149,6 +154,13 @@ class LossConfig:
     # token mean, then the pair mean; "token" = mean over every chosen response token of the
     # global batch (TRL's, at one rank and one micro-batch).
     nll_normalization: str = "sequence"
+    # LD-DPO (Liu et al. 2024, arXiv:2409.06411), TRL's ld_alpha: every response's log-prob
+    # (policy and reference) becomes shared + alpha * tail, where the shared part is the pair's
+    # first min(len_w, len_l) response tokens. None = off (alpha = 1).
+    ld_alpha: Optional[float] = None
+    # WPO (Zhou et al. 2024, arXiv:2406.11827), TRL's use_weighting: every pair loss is weighted by
+    # the policy's (detached) length-normalised probabilities of both responses.
+    use_weighting: bool = False
 
     def validate(self) -> "LossConfig":
         """Raise ``ValueError`` naming the offending argument; returns self."""
@@ -178,6 +190,12 @@ class LossConfig:
             raise bad("nll_normalization", f"must be one of {', '.join(NLL_NORMALIZATIONS)}")
         if self.discopop_tau <= 0:
             raise bad("discopop_tau", "must be > 0")
+        if self.ld_alpha is not None:
+            if isinstance(self.ld_alpha, bool) or not isinstance(self.ld_alpha, (int, float)) \
+                    or not 0.0 <= self.ld_alpha <= 1.0:
+                raise bad("ld_alpha", "must be in [0, 1]")
+        if not isinstance(self.use_weighting, bool):
+            raise bad("use_weighting", "must be a bool")
         self.weights()  # parses loss_weights (ValueError naming --loss-weights)
         if self.spo_target_margin <= 0:
             raise bad("spo_target_margin", "must be > 0")
@@ -263,6 +281,33 @@ def _reference_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor
 
 
 NLL_NORMALIZATIONS = ("sequence", "token")
+
+
+def length_desensitised_logps(total: Tensor, shared: Tensor, alpha: float) -> Tensor:
+    """LD-DPO (Liu et al. 2024, arXiv:2409.06411, Eq. 9): ``logp_ld = shared + alpha * (total - shared)``.
+
+    ``shared`` is the log-prob of a response's first ``min(len_w, len_l)`` tokens (the length both
+    responses of the pair share), ``total - shared`` that of the excess ("verbose") tokens, which
+    ``alpha`` < 1 damps so that the longer response's extra tokens no longer dominate ``h``.
+    Applied to policy and reference log-probs alike, before any loss (the training step does it
+    per sequence; the reference table is computed with the same alpha).
+    """
+    return shared + alpha * (total - shared)
+
+
+def wpo_pair_weights(stats: PairStats) -> Tensor:
+    """WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2, TRL's ``use_weighting``), detached:
+
+    ``w = exp(a_w) * exp(a_l)``, ``a = mean over the response's tokens of
+    (log p(y_t) - log sum_v p(v)^2)``: the length-normalised probability of each response under
+    the policy, aligned by the per-token ``sum_v p(v)^2`` (the probability of sampling a token
+    twice), so that on-policy-like pairs weigh more. ``PairStats.chosen_wpo_logweights`` /
+    ``rejected_wpo_logweights`` hold ``a`` (the training step computes them from the logits).
+    """
+    if stats.chosen_wpo_logweights is None or stats.rejected_wpo_logweights is None:
+        raise ValueError("use_weighting (--use-weighting) needs PairStats.chosen_wpo_logweights and "
+                         "rejected_wpo_logweights")
+    return torch.exp(stats.chosen_wpo_logweights + stats.rejected_wpo_logweights).detach()
 
 
 def _chosen_nll(stats: PairStats, config: LossConfig) -> Tensor:
@@ -853,6 +898,11 @@ def check_options(spec: str, config: LossConfig) -> None:
                          "log(0) makes the loss infinite")
     if "robust" in names and not config.label_smoothing < 0.5:
         raise ValueError("loss 'robust' needs --label-smoothing < 0.5 (it divides by 1 - 2*eps)")
+    if config.use_weighting:
+        unweightable = [n for n in names if n in ("aot", "aot_unpaired", "slime")]
+        if unweightable:
+            raise ValueError(f"--use-weighting does not apply to --loss {','.join(unweightable)} (aot sorts the "
+                             f"pairs, slime has a token-level term: no per-pair loss to weight)")
     if config.f_divergence_type != "reverse_kl":
         ignored = [n for n in names if n not in F_DIVERGENCE_LOSSES]
         if ignored:
@@ -869,6 +919,8 @@ _PAIR_FIELDS = (
     "ref_rejected_logps",
     "score_chosen",
     "score_rejected",
+    "chosen_wpo_logweights",
+    "rejected_wpo_logweights",
 )
 
 
@@ -981,13 +1033,22 @@ def compute_loss(name: str, stats: PairStats, config: LossConfig, *, check_value
     weights = loss_weights(name, config)
     prepared = {n: _prepare_stats(n, stats, config, check_values) for n in names}
     stats = prepared[names[0]]
+    weight = wpo_pair_weights(stats) if config.use_weighting else None
+
+    def run_term(n: str) -> LossOutput:
+        term = LOSSES[n](prepared[n], config)
+        if weight is None:
+            return term
+        pair_losses = term.pair_losses * weight
+        return LossOutput(loss_sum=pair_losses.sum(), pair_losses=pair_losses,
+                          metrics={**term.metrics, "wpo/weight": weight})
 
     if len(names) == 1:
-        out = LOSSES[names[0]](stats, config)
+        out = run_term(names[0])
     else:
         loss_sum, pair_losses, metrics, term_metrics = 0.0, 0.0, {}, {}
         for n, w in zip(names, weights):
-            term = LOSSES[n](prepared[n], config)
+            term = run_term(n)
             loss_sum = loss_sum + w * term.loss_sum
             pair_losses = pair_losses + w * term.pair_losses
             for key, value in term.metrics.items():
@@ -998,7 +1059,7 @@ def compute_loss(name: str, stats: PairStats, config: LossConfig, *, check_value
         out = LossOutput(loss_sum=loss_sum, pair_losses=pair_losses, metrics={**metrics, **term_metrics})
     if config.sft_weight > 0:
         nll = _chosen_nll(stats, config)
-        extra = config.sft_weight * nll
+        extra = config.sft_weight * nll * (weight if weight is not None else 1.0)
         out = LossOutput(
             loss_sum=out.loss_sum + extra.sum(),
             pair_losses=out.pair_losses + extra,

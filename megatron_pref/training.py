@@ -131,7 +131,7 @@ def metric_names(loss_name: str, loss_config) -> list:
     one = torch.ones(1)
     stats = PairStats(chosen_logps=-one, rejected_logps=-2 * one, chosen_lengths=one, rejected_lengths=one,
                       ref_chosen_logps=-one, ref_rejected_logps=-one, score_chosen=one, score_rejected=0 * one,
-                      rejected_token_logps=-2 * one)
+                      rejected_token_logps=-2 * one, chosen_wpo_logweights=-one, rejected_wpo_logweights=-one)
     names = set(compute_loss(loss_name, stats, loss_config).metrics) | {"loss"}
     return sorted(names)
 
@@ -253,7 +253,8 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
     """NoReference, a PrecomputedReference per split (cached), or an OnlineReference."""
     if source is None:
         return {split: NoReference() for split in loaders}
-    forward_step = logps_forward_step(model_cfg.vocab_size, use_thd, run.logprob_chunk_tokens)
+    forward_step = logps_forward_step(model_cfg.vocab_size, use_thd, run.logprob_chunk_tokens,
+                                      ld_alpha=run.loss_config.ld_alpha)
     if run.reference.ref_logprobs == "online":
         online = OnlineReference(_reference_model(run, source, model_cfg), forward_step)
         return {split: online for split in loaders}
@@ -267,6 +268,8 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
         keys[split] = cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg),
                                 data.tokenizer_fingerprint, run.data.seq_length, run.data.max_prompt_length,
                                 precision, model_cfg.to_dict())
+        if run.loss_config.ld_alpha is not None:  # the cached values are LD-DPO's desensitised sums
+            keys[split]["ld_alpha"] = run.loss_config.ld_alpha
         tables[split] = load_cached_table(cache_root / split, keys[split], len(loader.dataset))
     hits = _cache_hits_on_every_rank([tables[split] is not None for split in loaders])
     missing_splits = [split for split, hit in zip(loaders, hits) if not hit]

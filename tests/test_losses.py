@@ -800,3 +800,73 @@ def test_token_nll_is_split_invariant_with_the_global_ratio():
         parts += compute_loss("sft", part, LossConfig(nll_normalization="token")).loss_sum.item()
     assert parts == pytest.approx(whole)
     assert local != pytest.approx(whole)
+
+
+# --------------------------------------------------------------------------- #
+# LD-DPO (--ld-alpha) and WPO (--use-weighting): closed forms through the step's pair_statistics
+# --------------------------------------------------------------------------- #
+def _pack_with_token_logps(token_logps_by_seq):
+    """A pack of one pair (prompt [1], chosen, rejected) and logits whose label log-probs are
+    the given values: logits put log p on the label and spread the rest uniformly."""
+    from tests.packs import make_pack
+
+    vocab = 4
+    chosen, rejected = token_logps_by_seq
+    pack = make_pack([([1], [1] * len(chosen), [1] * len(rejected))], pad_to_multiple=1)
+    values = torch.zeros(pack.tokens.numel(), dtype=T)
+    cu = pack.cu_seqlens.tolist()
+    for s, logps in enumerate((chosen, rejected)):
+        idx = [i for i in range(cu[s], cu[s + 1]) if pack.loss_mask[i] > 0]
+        values[idx] = torch.tensor(logps, dtype=T)
+    # logit of the label = log p, the other 3 share 1 - p: log((1 - p) / 3).
+    p = values.exp().clamp(max=1 - 1e-12)
+    logits = torch.log((1 - p) / (vocab - 1))[:, None].repeat(1, vocab)
+    logits.scatter_(1, pack.labels[:, None], values[:, None])
+    return pack, logits, vocab
+
+
+def test_ld_alpha_damps_the_tokens_past_the_shared_length():
+    from megatron_pref.losses import length_desensitised_logps
+    from megatron_pref.step import pair_statistics
+
+    assert length_desensitised_logps(t(-10.0), t(-4.0), 0.25).item() == pytest.approx(-4.0 - 0.25 * 6.0)
+    pack, logits, vocab = _pack_with_token_logps(([-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5, -4.0, -8.0]))
+    stats = pair_statistics(logits, pack, vocab, ld_alpha=0.5)
+    # Shared length 3: chosen untouched; rejected = -1.5 + 0.5 * (-12).
+    assert stats.chosen_logps.item() == pytest.approx(-6.0, abs=1e-5)
+    assert stats.rejected_logps.item() == pytest.approx(-7.5, abs=1e-5)
+    # Lengths stay the full response lengths (IPO's and sigmoid_norm's averages, as TRL).
+    assert stats.rejected_lengths.item() == 5
+    # Control: no ld_alpha is the plain sum.
+    assert pair_statistics(logits, pack, vocab).rejected_logps.item() == pytest.approx(-13.5, abs=1e-5)
+
+
+def test_wpo_weights_closed_form():
+    """Uniform logits: log p = log sum p^2 = -log V, so every weight is exp(0) = 1; a peaked
+    distribution gives p / sum p^2 per token."""
+    from megatron_pref.losses import wpo_pair_weights
+    from megatron_pref.step import pair_statistics, pair_stats_for_loss, MicroBatch
+
+    pack, logits, vocab = _pack_with_token_logps(([math.log(0.25)] * 2, [math.log(0.25)] * 3))
+    stats = pair_statistics(logits, pack, vocab, wpo=True)
+    assert stats.chosen_wpo_logweights.item() == pytest.approx(0.0, abs=1e-6)
+    pack, logits, vocab = _pack_with_token_logps(([math.log(0.7)], [math.log(0.1)]))
+    stats = pair_statistics(logits, pack, vocab, wpo=True)
+    sq_c, sq_r = 0.7 ** 2 + 3 * 0.1 ** 2, 0.1 ** 2 + 3 * 0.3 ** 2
+    w = wpo_pair_weights(pair_stats_for_loss(stats, MicroBatch(pack)))
+    assert w.item() == pytest.approx((0.7 / sq_c) * (0.1 / sq_r), rel=1e-5)
+    # The weight multiplies every pair loss, and carries no gradient.
+    s = generic_stats(grad=True)
+    s.chosen_wpo_logweights, s.rejected_wpo_logweights = t(-0.1, -0.5), t(-0.2, -1.0)
+    base = compute_loss("dpo", s, LossConfig())
+    out = compute_loss("dpo", s, LossConfig(use_weighting=True))
+    torch.testing.assert_close(out.pair_losses, base.pair_losses * torch.exp(t(-0.3, -1.5)))
+    assert not out.metrics["wpo/weight"].requires_grad
+
+
+def test_use_weighting_refused_where_pairs_have_no_own_loss():
+    for name in ("aot", "aot_unpaired", "slime"):
+        with pytest.raises(ValueError, match="--use-weighting does not apply"):
+            compute_loss(name, generic_stats(), LossConfig(use_weighting=True))
+    with pytest.raises(ValueError, match="ld_alpha"):
+        LossConfig(ld_alpha=1.5).validate()

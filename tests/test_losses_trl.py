@@ -203,6 +203,113 @@ def test_trl_version():
     assert trl.__version__ == TRL_VERSION
 
 
+# --------------------------------------------------------------------------- #
+# LD-DPO and WPO through the training step's pair_statistics (logits of a packed batch)
+# --------------------------------------------------------------------------- #
+VOCAB = 13
+
+
+def _rows(values, pack):
+    """Per-token values of a pack -> TRL's ``[2P, max_len]`` rows (chosen rows, then rejected),
+    response tokens only, left aligned, zero padded; also the row mask."""
+    num_pairs = pack.pair_ids.numel()
+    rows = [[] for _ in range(2 * num_pairs)]
+    cu = pack.cu_seqlens.tolist()
+    for s in range(len(cu) - 1):
+        row = int(pack.seq_pair_index[s]) + (0 if bool(pack.seq_is_chosen[s]) else num_pairs)
+        rows[row] = [values[i] for i in range(cu[s], cu[s + 1]) if pack.loss_mask[i] > 0]
+    width = max(len(r) for r in rows)
+    out = torch.stack([torch.stack(r + [values.new_zeros(())] * (width - len(r))) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return out, mask
+
+
+def _step_case(seed=0, num_pairs=5):
+    from tests.packs import make_pack, random_pairs
+
+    pack = make_pack(random_pairs(num_pairs, VOCAB, seed=seed))
+    g = torch.Generator().manual_seed(seed + 100)
+    total = pack.tokens.numel()
+    logits = torch.randn(total, VOCAB, generator=g, dtype=torch.float64).requires_grad_(True)
+    ref_logits = logits.detach() + 0.5 * torch.randn(total, VOCAB, generator=g, dtype=torch.float64)
+    return pack, logits, ref_logits
+
+
+def _trl_rows(logits, pack):
+    logp = torch.log_softmax(logits, dim=-1).gather(1, pack.labels[:, None]).squeeze(1)
+    p = torch.softmax(logits, dim=-1)
+    log_sum_sq = torch.log((p * p).sum(-1)).detach()
+    per_token, mask = _rows(logp, pack)
+    sq_rows, _ = _rows(log_sum_sq, pack)
+    return per_token, sq_rows, mask
+
+
+def compare_step(spec, trl_types, seed=0, ld_alpha=None, use_weighting=False, **config):
+    """(value rel diff, gradient rel diff w.r.t. the logits) of our step path against TRL."""
+    from megatron_pref.step import MicroBatch, pair_statistics, pair_stats_for_loss
+
+    pack, logits, ref_logits = _step_case(seed)
+    num_pairs = pack.pair_ids.numel()
+    cfg = LossConfig(ld_alpha=ld_alpha, use_weighting=use_weighting, **config)
+    ref = pair_statistics(ref_logits, pack, VOCAB, ld_alpha=ld_alpha)
+    stats = pair_statistics(logits, pack, VOCAB, ld_alpha=ld_alpha, wpo=use_weighting)
+    micro = MicroBatch(pack, ref_chosen_logps=ref.chosen_logps, ref_rejected_logps=ref.rejected_logps)
+    ours = compute_loss(spec, pair_stats_for_loss(stats, micro), cfg).loss_sum / num_pairs
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+
+    per_token, sq_rows, mask = _trl_rows(logits, pack)
+    ref_rows, _, _ = _trl_rows(ref_logits, pack)
+    completion_mask = torch.cat([torch.zeros(mask.shape[0], 1, dtype=torch.long), mask], dim=1)
+    batch = SimpleNamespace(policy=per_token, reference=ref_rows.detach(), shift_mask=mask,
+                            completion_mask=completion_mask, log_sum_sq=sq_rows, num_pairs=num_pairs)
+    theirs, _ = trl_loss(batch, trl_types, ld_alpha=ld_alpha, use_weighting=use_weighting, **config)
+    (theirs_grad,) = torch.autograd.grad(theirs, logits)
+    return rel_diff(ours, theirs), rel_diff(ours_grad, theirs_grad)
+
+
+STEP_TOL = 1e-6
+STEP_CASES = {
+    "dpo[ld_alpha 0.5]": ("dpo", ["sigmoid"], {"ld_alpha": 0.5}),
+    "dpo[ld_alpha 0]": ("dpo", ["sigmoid"], {"ld_alpha": 0.0}),
+    "ipo[ld_alpha 0.3]": ("ipo", ["ipo"], {"ld_alpha": 0.3}),
+    "dpo[use_weighting]": ("dpo", ["sigmoid"], {"use_weighting": True}),
+    "bco_pair[use_weighting]": ("bco_pair", ["bco_pair"], {"use_weighting": True}),
+    "dpo,apo_zero[use_weighting, ld_alpha 0.7]": ("dpo,apo_zero", ["sigmoid", "apo_zero"],
+                                                 {"use_weighting": True, "ld_alpha": 0.7}),
+    "dpo[step path]": ("dpo", ["sigmoid"], {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STEP_CASES))
+def test_step_options_match_trl(case):
+    spec, types, config = STEP_CASES[case]
+    value, grad = compare_step(spec, types, **config)
+    # Our token log-probs are fp32 by design (logprobs.token_logprobs upcasts chunk by chunk);
+    # TRL's side here is float64: agreement to fp32 rounding.
+    assert value < STEP_TOL and grad < STEP_TOL, (value, grad)
+
+
+def test_step_comparison_can_fail():
+    """Negative controls: TRL with another LD alpha, or with WPO weights, differs from our
+    plain LD-DPO at alpha 0.5 (so the comparisons above can fail)."""
+    from megatron_pref.step import MicroBatch, pair_statistics, pair_stats_for_loss
+
+    pack, logits, ref_logits = _step_case(0)
+    ref = pair_statistics(ref_logits, pack, VOCAB, ld_alpha=0.5)
+    stats = pair_statistics(logits, pack, VOCAB, ld_alpha=0.5)
+    micro = MicroBatch(pack, ref_chosen_logps=ref.chosen_logps, ref_rejected_logps=ref.rejected_logps)
+    ours = compute_loss("dpo", pair_stats_for_loss(stats, micro), LossConfig(ld_alpha=0.5)).loss_sum
+    ours = ours / pack.pair_ids.numel()
+    per_token, sq_rows, mask = _trl_rows(logits, pack)
+    ref_rows, _, _ = _trl_rows(ref_logits, pack)
+    completion_mask = torch.cat([torch.zeros(mask.shape[0], 1, dtype=torch.long), mask], dim=1)
+    batch = SimpleNamespace(policy=per_token, reference=ref_rows.detach(), shift_mask=mask,
+                            completion_mask=completion_mask, log_sum_sq=sq_rows, num_pairs=pack.pair_ids.numel())
+    assert rel_diff(ours, trl_loss(batch, ["sigmoid"], ld_alpha=0.5)[0]) < STEP_TOL
+    assert rel_diff(ours, trl_loss(batch, ["sigmoid"], ld_alpha=0.6)[0]) > 1e-4
+    assert rel_diff(ours, trl_loss(batch, ["sigmoid"], ld_alpha=0.5, use_weighting=True)[0]) > 1e-2
+
+
 if __name__ == "__main__":
     print(f"TRL {trl.__version__}: max relative difference, ours vs DPOTrainer._compute_loss")
     print(f"{'case':36s} {'value':>10s} {'gradient':>10s}")
@@ -216,3 +323,8 @@ if __name__ == "__main__":
             v, g, _, _ = compare(spec, types, weights, dtype=dtype, seed=seed, equal_lengths=equal, **config)
             worst_v, worst_g = max(worst_v, v), max(worst_g, g)
         print(f"{case:36s} {worst_v:10.1e} {worst_g:10.1e}  ({str(dtype).replace('torch.', '')})")
+    print("through the training step's pair_statistics (fp32 token log-probs vs TRL in float64):")
+    for case in sorted(STEP_CASES):
+        spec, types, config = STEP_CASES[case]
+        worst = [max(vals) for vals in zip(*(compare_step(spec, types, seed=seed, **config) for seed in range(5)))]
+        print(f"{case:36s} {worst[0]:10.1e} {worst[1]:10.1e}")
