@@ -48,6 +48,7 @@ __all__ = [
     "loss_weights",
     "length_desensitised_logps",
     "wpo_pair_weights",
+    "bco_running_mean_update",
     "check_options",
     "dpo_loss",
     "ipo_loss",
@@ -93,6 +94,8 @@ class PairStats:
     pairs_per_rejected_token: Optional[Union[float, Tensor]] = None
     # --nll-normalization token: global_pairs / global_chosen_tokens (local P / N when omitted).
     pairs_per_chosen_token: Optional[Union[float, Tensor]] = None
+    # --bco-running-mean: delta, the running mean reward of the previous steps (train state).
+    bco_reward_shift: Optional[Union[float, Tensor]] = None
     # --use-weighting (WPO): per response, mean over its tokens of log p(y_t) - log sum_v p(v)^2.
     chosen_wpo_logweights: Optional[Tensor] = None
     rejected_wpo_logweights: Optional[Tensor] = None
@@ -161,6 +164,9 @@ class LossConfig:
     # WPO (Zhou et al. 2024, arXiv:2406.11827), TRL's use_weighting: every pair loss is weighted by
     # the policy's (detached) length-normalised probabilities of both responses.
     use_weighting: bool = False
+    # bco_pair: subtract delta, the running mean of the batch-mean implicit reward over the
+    # previous steps (BCO paper, Jung et al. 2024; TRL <= 0.2x). TRL 1.16's bco_pair has none.
+    bco_running_mean: bool = False
 
     def validate(self) -> "LossConfig":
         """Raise ``ValueError`` naming the offending argument; returns self."""
@@ -477,13 +483,44 @@ def robust_loss(stats: PairStats, config: LossConfig) -> LossOutput:
 def bco_pair_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     """BCO, pairwise (Jung et al. 2024, arXiv:2404.04656), as TRL 1.16's ``bco_pair``:
 
-    ``L = -log sigmoid(beta*rho_c) - log sigmoid(-beta*rho_r)``: a binary classifier with
-    the implicit reward as logit (chosen = 1, rejected = 0). TRL 1.16 has no reward shift
-    (older TRL subtracted a running mean of the rewards; the paper's delta).
+    ``L = -log sigmoid(beta*rho_c - delta) - log sigmoid(-(beta*rho_r - delta))``: a binary
+    classifier with the implicit reward as logit (chosen = 1, rejected = 0). TRL 1.16 has
+    ``delta = 0``. With ``bco_running_mean`` (the paper's reward shift, TRL <= 0.2x's
+    ``RunningMoments``), ``delta = PairStats.bco_reward_shift``, the mean over the previous
+    training steps of each step's global-batch mean reward ``(beta*rho_c + beta*rho_r)/2``
+    (:func:`bco_running_mean_update`; kept in the checkpoint's train state).
     """
     rho_c, rho_r = _log_ratios(stats)
-    losses = -F.logsigmoid(config.beta * rho_c) - F.logsigmoid(-config.beta * rho_r)
-    return _output(losses, _reference_metrics(stats, config))
+    delta = 0.0
+    if config.bco_running_mean:
+        delta = stats.bco_reward_shift if stats.bco_reward_shift is not None else 0.0
+    losses = -F.logsigmoid(config.beta * rho_c - delta) - F.logsigmoid(-(config.beta * rho_r - delta))
+    metrics = _reference_metrics(stats, config)
+    if config.bco_running_mean:
+        metrics["bco/delta"] = torch.full_like(losses, float(delta)).detach()
+        # This pair's mean implicit reward, what the running mean averages (whatever the
+        # first term of a combination logs as rewards/*).
+        metrics["bco/reward"] = (0.5 * config.beta * (rho_c + rho_r)).detach()
+    return _output(losses, metrics)
+
+
+def bco_running_mean_update(loss_state: dict, metric_sums: dict, num_pairs: int) -> None:
+    """After a training step: fold its global-batch mean reward into ``loss_state`` (in place).
+
+    ``metric_sums`` are the step's sums over all pairs of the global batch (reduced over data-
+    parallel ranks and pipeline stages), so every rank folds in the same value: ``bco/reward``
+    sums ``beta * (rho_c + rho_r) / 2``. ``bco_mean`` is the running mean of
+    the per-step means (each step weighs 1, as TRL's RunningMoments with one value per step),
+    ``bco_steps`` their count. Unlike TRL <= 0.2x, the current step is folded in after it is
+    used, not before: its rewards exist only after the pipelined forward of every micro-batch.
+    """
+    if num_pairs <= 0:
+        return
+    reward = metric_sums["bco/reward"] / num_pairs
+    steps = int(loss_state.get("bco_steps", 0)) + 1
+    mean = float(loss_state.get("bco_mean", 0.0))
+    loss_state["bco_steps"] = steps
+    loss_state["bco_mean"] = mean + (reward - mean) / steps
 
 
 def sppo_hard_loss(stats: PairStats, config: LossConfig) -> LossOutput:
@@ -898,6 +935,8 @@ def check_options(spec: str, config: LossConfig) -> None:
                          "log(0) makes the loss infinite")
     if "robust" in names and not config.label_smoothing < 0.5:
         raise ValueError("loss 'robust' needs --label-smoothing < 0.5 (it divides by 1 - 2*eps)")
+    if config.bco_running_mean and "bco_pair" not in names:
+        raise ValueError(f"--bco-running-mean only applies to bco_pair, not --loss {spec}")
     if config.use_weighting:
         unweightable = [n for n in names if n in ("aot", "aot_unpaired", "slime")]
         if unweightable:

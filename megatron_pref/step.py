@@ -122,7 +122,7 @@ def pair_statistics(logits: torch.Tensor, pack, true_vocab_size: int,
     )
 
 
-def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch):
+def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch, loss_state: Optional[dict] = None):
     """The losses module's ``PairStats`` for one micro-batch."""
     from megatron_pref.losses import PairStats
 
@@ -147,11 +147,12 @@ def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch):
         pairs_per_chosen_token=micro.pairs_per_chosen_token,
         chosen_wpo_logweights=stats.chosen_wpo_logweights,
         rejected_wpo_logweights=stats.rejected_wpo_logweights,
+        bco_reward_shift=(loss_state or {}).get("bco_mean"),
     )
 
 
 def preference_loss_func(output_tensor, micro: MicroBatch, loss_name: str, loss_config,
-                         true_vocab_size: int, chunk_tokens: int):
+                         true_vocab_size: int, chunk_tokens: int, loss_state: Optional[dict] = None):
     """Last stage: logits -> (loss_sum, num_pairs, metric sums over this micro-batch's pairs)."""
     from megatron_pref.losses import compute_loss
 
@@ -159,7 +160,7 @@ def preference_loss_func(output_tensor, micro: MicroBatch, loss_name: str, loss_
                             ld_alpha=loss_config.ld_alpha, wpo=loss_config.use_weighting)
     # check_values=False: value checks sync with the device; the data pipeline guarantees them
     # (every response has a scored token: pairs without prompt tokens are skipped).
-    out = compute_loss(loss_name, pair_stats_for_loss(stats, micro), loss_config, check_values=False)
+    out = compute_loss(loss_name, pair_stats_for_loss(stats, micro, loss_state), loss_config, check_values=False)
     num_pairs = torch.tensor(micro.pack.pair_ids.numel(), dtype=torch.int, device=out.loss_sum.device)
     metric_sums = {name: value.detach().float().sum() for name, value in out.metrics.items()}
     metric_sums["loss"] = out.loss_sum.detach().float()
@@ -218,11 +219,13 @@ def make_forward_step(loss_func_factory: Callable[[MicroBatch], Callable], use_t
 
 
 def preference_forward_step(loss_name: str, loss_config, true_vocab_size: int, use_thd: bool,
-                            chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                            chunk_tokens: int = DEFAULT_CHUNK_TOKENS, loss_state: Optional[dict] = None):
+    """``loss_state``: the run's loss state across steps (``TrainState.loss_state``), read at
+    every micro-batch (bco_pair's running mean reward)."""
     return make_forward_step(
         lambda micro: partial(preference_loss_func, micro=micro, loss_name=loss_name,
                               loss_config=loss_config, true_vocab_size=true_vocab_size,
-                              chunk_tokens=chunk_tokens),
+                              chunk_tokens=chunk_tokens, loss_state=loss_state),
         use_thd)
 
 

@@ -27,6 +27,7 @@ from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, 
 from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
                                      compute_reference_table, load_cached_table, save_cached_table)
+from megatron_pref.losses import bco_running_mean_update
 from megatron_pref.step import MicroBatch, logps_forward_step, preference_forward_step
 
 logger = logging.getLogger("megatron_pref")
@@ -148,6 +149,11 @@ def _check_optimizer_resume_early(run: RunConfig, world_size: int) -> None:
     problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout, bucket_size)
     if problem:
         raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
+    if run.loss_config.bco_running_mean and saved_state.get("iteration", 0) > 0 \
+            and "bco_steps" not in (saved_state.get("loss_state") or {}):
+        # Restarting the running mean at 0 mid-run would silently change the loss.
+        raise CheckpointError(f"--load {run.checkpoint.load}: saved without --bco-running-mean, so it has no "
+                              f"running mean reward to resume")
 
 
 def _check_reference_architecture(ref_load: str, policy, check_vocab: bool = False) -> None:
@@ -443,8 +449,11 @@ def train(run: RunConfig) -> dict:
     metrics_logger = MetricsLogger(train_iters, run.log.tensorboard_dir, run.log.wandb_project,
                                    run.log.wandb_exp_name, run.log.wandb_save_dir, metrics_file, run_summary)
     names = metric_names(run.loss, run.loss_config)
+    if run.loss_config.bco_running_mean:
+        state.loss_state.setdefault("bco_steps", 0)
+        state.loss_state.setdefault("bco_mean", 0.0)
     forward_step = preference_forward_step(run.loss, run.loss_config, model_cfg.vocab_size, use_thd,
-                                           run.logprob_chunk_tokens)
+                                           run.logprob_chunk_tokens, loss_state=state.loss_state)
 
     def run_evaluation(tag: str) -> dict:
         if valid_loader is None:
@@ -475,6 +484,8 @@ def train(run: RunConfig) -> dict:
         result = train_step(model_chunks, optimizer, micro, forward_step, names, state.iteration + 1,
                             run.skip_nonfinite_batches)
         scheduler.step(increment=1)
+        if run.loss_config.bco_running_mean and not result.skipped:
+            bco_running_mean_update(state.loss_state, result.metric_sums, result.num_pairs)
         state.iteration += 1
         state.consumed_pairs = train_loader.consumed_pairs
         state.epoch = train_loader.epoch

@@ -870,3 +870,36 @@ def test_use_weighting_refused_where_pairs_have_no_own_loss():
             compute_loss(name, generic_stats(), LossConfig(use_weighting=True))
     with pytest.raises(ValueError, match="ld_alpha"):
         LossConfig(ld_alpha=1.5).validate()
+
+
+def test_bco_running_mean_closed_form():
+    from megatron_pref.losses import bco_running_mean_update
+
+    s = one_pair(RC, RR)
+    s.bco_reward_shift = 0.3
+    out = compute_loss("bco_pair", s, LossConfig(beta=BETA, bco_running_mean=True))
+    assert out.loss_sum.item() == pytest.approx(-logsig(BETA * RC - 0.3) - logsig(-(BETA * RR - 0.3)), rel=1e-12)
+    assert out.metrics["bco/reward"].item() == pytest.approx(BETA * (RC + RR) / 2)
+    # Without the flag (TRL 1.16) the shift is not used.
+    assert compute_loss("bco_pair", s, LossConfig(beta=BETA)).loss_sum.item() == pytest.approx(
+        CLOSED_FORMS["bco_pair"][1], rel=1e-12)
+    # The running mean of per-step mean rewards: steps 0.2 (over 4 pairs) and -0.6 -> -0.2.
+    state = {}
+    bco_running_mean_update(state, {"bco/reward": 0.8}, 4)
+    bco_running_mean_update(state, {"bco/reward": -1.2}, 2)
+    assert state == {"bco_steps": 2, "bco_mean": pytest.approx(-0.2)}
+    with pytest.raises(ValueError, match="--bco-running-mean only applies to bco_pair"):
+        compute_loss("dpo", s, LossConfig(bco_running_mean=True))
+
+
+def test_slime_counts_zero_log_prob_rejected_tokens():
+    """The formula counts a rejected token with log-prob exactly 0.0; the authors' released trainer
+    drops it (its mask is logp != 0): chosen [-0.5], rejected [0.0, -2.0] at paper defaults give
+    0.897797 here and 0.965109 there (the authors' stabiliser averages the -2.0 token alone)."""
+    s = PairStats(chosen_logps=t(-0.5), rejected_logps=t(-2.0), chosen_lengths=t(1.0), rejected_lengths=t(2.0),
+                  rejected_token_logps=t(0.0, -2.0))
+    assert compute_loss("slime", s, LossConfig()).loss_sum.item() == pytest.approx(0.897797, abs=1e-6)
+    dropped = PairStats(chosen_logps=t(-0.5), rejected_logps=t(-2.0), chosen_lengths=t(1.0),
+                        rejected_lengths=t(2.0), rejected_token_logps=t(-2.0), pairs_per_rejected_token=1.0)
+    assert compute_loss("slime", dropped, LossConfig(), check_values=False).loss_sum.item() == pytest.approx(
+        0.965109, abs=1e-6)

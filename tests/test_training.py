@@ -370,6 +370,31 @@ def test_wpo_and_token_nll_train_end_to_end(distributed, tmp_path, tiny):
     assert first["eval/loss"] == pytest.approx(first["eval/loss/dpo"] + 0.2 * first["eval/loss/sft"], rel=1e-5)
 
 
+def test_bco_running_mean_survives_resume(distributed, tmp_path, tiny):
+    """--bco-running-mean: the running mean reward (train state, the same on both data-parallel
+    ranks) goes through the checkpoint: 2 steps + save + load + 1 step == 3 steps, bit for bit.
+    A checkpoint saved without the flag cannot be resumed with it (one line)."""
+    common = tiny + ["--loss", "bco_pair", "--bco-running-mean", "--ref-cache-dir", str(tmp_path / "cache"),
+                     "--eval-interval", "100", "--train-iters", "3"]
+    whole = run_training(distributed, 2, common)
+    # Step 3 uses the mean reward of steps 1 and 2: not zero once the policy has moved.
+    delta = whole[0]["train"]["bco/delta"]
+    assert delta != 0 and all(r["train"]["bco/delta"] == delta for r in whole)
+    run_training(distributed, 2, common + ["--save", str(tmp_path / "ckpt"), "--save-interval", "2",
+                                           "--exit-interval", "2"])
+    resumed = run_training(distributed, 2, common + ["--load", str(tmp_path / "ckpt")])
+    assert resumed[0]["train"]["bco/delta"] == delta
+    assert [r["weights_sha256"] for r in resumed] == [r["weights_sha256"] for r in whole]
+
+    plain = [a for a in common if a != "--bco-running-mean"]
+    run_training(distributed, 1, plain + ["--save", str(tmp_path / "plain"), "--save-interval", "1",
+                                          "--exit-interval", "1"])
+    from megatron_pref.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError, match="saved without --bco-running-mean"):
+        _train(common + ["--load", str(tmp_path / "plain")])
+
+
 def test_online_reference_equals_precomputed(distributed, tmp_path, tiny):
     common = tiny + ["--loss", "dpo", "--train-iters", "2", "--ref-cache-dir", str(tmp_path / "cache")]
     pre = run_training(distributed, 1, common)[0]
