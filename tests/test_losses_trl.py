@@ -11,7 +11,6 @@ compared token by token.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from types import SimpleNamespace
 
