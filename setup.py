@@ -24,6 +24,8 @@ setup(
         "logging": ["tensorboard", "wandb"],
         # megatron-core 0.16.1 is tested with TE 2.9 - 2.11.
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
-        "test": ["pytest", "pyyaml"],
+        # trl: tests/test_losses_trl.py checks every loss against TRL's own DPOTrainer code
+        # (about 30 s more to install, with accelerate and datasets).
+        "test": ["pytest", "pyyaml", "trl==1.16.0"],
     },
 )

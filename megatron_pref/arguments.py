@@ -142,7 +142,7 @@ def _model_flag_names() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_pref.losses import LOSSES, LossConfig
+    from megatron_pref.losses import F_DIVERGENCES, LOSSES, NLL_NORMALIZATIONS, LossConfig
 
     from megatron_pref.cli_errors import OneLineArgumentParser
 
@@ -152,10 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference optimisation (DPO family, SPO, SLIME) on megatron-core. "
                     "With no data flags, trains a tiny GPT on the bundled demo task.")
     g = p.add_argument_group("preference")
-    g.add_argument("--loss", default="spo", help=f"one of: {', '.join(sorted(LOSSES))}")
+    g.add_argument("--loss", default="spo",
+                   help=f"one of: {', '.join(sorted(LOSSES))}; or a comma-separated weighted sum "
+                        f"(--loss dpo,sft --loss-weights 1.0,0.2), as TRL's loss_type list")
     for f in dataclasses.fields(LossConfig):
         default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, bool):
+        if f.name == "f_divergence_type":
+            g.add_argument(_flag(f.name), choices=F_DIVERGENCES, default=default)
+        elif f.name == "nll_normalization":
+            g.add_argument(_flag(f.name), choices=NLL_NORMALIZATIONS, default=default)
+        elif isinstance(default, bool):
             g.add_argument(_flag(f.name), action="store_true", default=default)
         else:
             g.add_argument(_flag(f.name), type=type(default) if default is not None else float, default=default)
@@ -281,13 +287,12 @@ def parse_run_config(argv=None) -> RunConfig:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Flags -> RunConfig, with every check that needs no files, no model and no GPU."""
-    from megatron_pref.losses import LOSSES, LossConfig
+    from megatron_pref.losses import LossConfig, check_options
 
-    _check(args.loss in LOSSES, f"--loss {args.loss!r} is unknown; choose one of: {', '.join(sorted(LOSSES))}")
     loss_kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(LossConfig)}
     loss_config = LossConfig(**loss_kwargs)
     try:
-        loss_config.validate()
+        check_options(args.loss, loss_config)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

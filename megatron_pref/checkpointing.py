@@ -21,7 +21,7 @@ import contextlib
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +51,8 @@ class TrainState:
     # Where the run's reference weights come from (a checkpoint, or the seeded initial
     # policy); saved inside the checkpoint so a resumed run keeps the same reference.
     reference_source: Optional[dict] = None
+    # State a loss keeps across steps (bco_pair's running mean reward), saved and restored as is.
+    loss_state: dict = field(default_factory=dict)
 
 
 def _rank() -> int:
@@ -284,7 +286,7 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
     sharded["rng"] = _rng_sharded_object()
     sharded["train_state"] = {
         "iteration": state.iteration, "consumed_pairs": state.consumed_pairs, "epoch": state.epoch,
-        "reference_source": state.reference_source,
+        "reference_source": state.reference_source, "loss_state": dict(state.loss_state),
         "scheduler": scheduler.state_dict(), "layout": _layout(), "optimizer_format": fmt,
     }
     dist_checkpointing.save(sharded, str(tmp))
@@ -401,7 +403,8 @@ def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None
     if "rng" in request:
         _restore_rng(loaded["rng"])
     return TrainState(iteration=train_state["iteration"], consumed_pairs=train_state["consumed_pairs"],
-                      epoch=train_state.get("epoch", 0), reference_source=train_state.get("reference_source"))
+                      epoch=train_state.get("epoch", 0), reference_source=train_state.get("reference_source"),
+                      loss_state=dict(train_state.get("loss_state") or {}))
 
 
 def _load_sharded(request: dict, path: Path, model_chunks: list) -> dict:

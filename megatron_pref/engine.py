@@ -280,26 +280,42 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def global_pair_counts(micro_batches: Sequence) -> tuple[int, int]:
-    """(pairs, rejected response tokens) of the global batch, summed over DP ranks."""
+def _global_counts(micro_batches: Sequence) -> tuple[int, int, int]:
+    """(pairs, rejected response tokens, chosen response tokens) of the global batch, summed
+    over DP ranks in one collective."""
     from megatron.core import parallel_state as ps
 
     local = torch.tensor([
         sum(int(m.pack.pair_ids.numel()) for m in micro_batches),
         sum(int(m.pack.num_rejected_response_tokens) for m in micro_batches),
+        sum(int(m.pack.num_chosen_response_tokens) for m in micro_batches),
     ], dtype=torch.float64)
     if dist.is_initialized():
         local = local.to("cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(local, group=ps.get_data_parallel_group())
-    return int(local[0]), int(local[1])
+    return int(local[0]), int(local[1]), int(local[2])
+
+
+def global_pair_counts(micro_batches: Sequence) -> tuple[int, int]:
+    """(pairs, rejected response tokens) of the global batch, summed over DP ranks."""
+    pairs, rejected, _ = _global_counts(micro_batches)
+    return pairs, rejected
+
+
+def attach_token_normalisers(micro_batches: Sequence) -> int:
+    """Give every micro-batch the global-batch ratios that make token-level terms additive
+    (SLIME's rejected-token mean, the token-normalised NLL); returns the global pair count."""
+    pairs, rejected, chosen = _global_counts(micro_batches)
+    for m in micro_batches:
+        m.pairs_per_rejected_token = pairs / max(rejected, 1)
+        m.pairs_per_chosen_token = pairs / max(chosen, 1)
+    return pairs
 
 
 def train_step(model_chunks: list, optimizer, micro_batches: Sequence, forward_step: Callable,
                metric_names: Sequence[str], iteration: int, skip_nonfinite: bool = False) -> StepResult:
     """Forward + backward of one global batch through the schedule, then the optimizer step."""
-    pairs, rejected_tokens = global_pair_counts(micro_batches)
-    for m in micro_batches:
-        m.pairs_per_rejected_token = pairs / max(rejected_tokens, 1)
+    pairs = attach_token_normalisers(micro_batches)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()

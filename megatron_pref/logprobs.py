@@ -53,10 +53,12 @@ def _masked_chunk(logits_chunk: torch.Tensor, vocab_start: int, true_vocab_size:
 
 class _VocabParallelTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, true_vocab_size, chunk_tokens, group, rank, world):
+    def forward(ctx, logits, labels, true_vocab_size, chunk_tokens, group, rank, world, with_log_sum_sq=False):
         tokens, local_vocab = logits.shape
         vocab_start = rank * local_vocab
         log_normaliser = torch.empty(tokens, dtype=torch.float32, device=logits.device)
+        # WPO: log sum_v p(v)^2 per token (empty when not asked for; never differentiated).
+        log_sum_sq = torch.empty(tokens if with_log_sum_sq else 0, dtype=torch.float32, device=logits.device)
         target_logit = torch.empty(tokens, dtype=torch.float32, device=logits.device)
         local_labels = labels - vocab_start
         label_is_local = (local_labels >= 0) & (local_labels < local_vocab)
@@ -71,22 +73,30 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
             picked = torch.where(label_is_local[start:end], picked, torch.zeros_like(picked))
             # In place: the chunk copy is the only [chunk, V/TP] fp32 buffer.
             sum_exp = x.sub_(chunk_max[:, None]).exp_().sum(dim=-1)
+            sums = [sum_exp, picked]
+            if with_log_sum_sq:
+                sums.append(x.square_().sum(dim=-1))  # sum exp(2 (z - max)); x is spent after this
             if world > 1:
-                # One collective for both sums: [sum_exp, picked target logit].
-                both = torch.stack([sum_exp, picked])
+                # One collective for all sums: [sum_exp, picked target logit(, sum of squares)].
+                both = torch.stack(sums)
                 dist.all_reduce(both, group=group)
-                sum_exp, picked = both[0], both[1]
+                sums = list(both)
+            sum_exp, picked = sums[0], sums[1]
             log_normaliser[start:end] = chunk_max + torch.log(sum_exp)
+            if with_log_sum_sq:
+                # log sum_v p_v^2 = log sum exp(2(z - max)) - 2 log sum exp(z - max)
+                log_sum_sq[start:end] = torch.log(sums[2]) - 2.0 * torch.log(sum_exp)
             target_logit[start:end] = picked
             del x
         ctx.save_for_backward(logits, safe_local_labels, label_is_local, log_normaliser)
         ctx.vocab_start = vocab_start
         ctx.true_vocab_size = true_vocab_size
         ctx.chunk_tokens = chunk_tokens
-        return target_logit - log_normaliser
+        ctx.mark_non_differentiable(log_sum_sq)
+        return target_logit - log_normaliser, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
+    def backward(ctx, grad_logprobs, _grad_log_sum_sq=None):
         logits, safe_local_labels, label_is_local, log_normaliser = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         grad_logprobs = grad_logprobs.float()
@@ -100,11 +110,11 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
             grad.scatter_add_(1, safe_local_labels[start:end, None], onehot_grad[:, None])
             grad_logits[start:end] = grad  # copy_ casts to the logits' dtype
             del x, grad
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, true_vocab_size: int,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, group=None) -> torch.Tensor:
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, group=None, with_log_sum_sq: bool = False):
     """log p(labels[t] | ...) for every token, from this TP rank's vocab shard of the logits.
 
     Args:
@@ -113,7 +123,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, true_vocab_size: 
         true_vocab_size: the tokenizer's vocab size; columns at or above it are excluded.
         chunk_tokens: tokens per chunk (bounds the extra fp32 memory).
         group: the tensor-parallel group (default: megatron-core's, if initialised).
-    Returns: fp32 log-probs with the shape of ``labels``.
+        with_log_sum_sq: also return ``log sum_v p(v)^2`` per token (WPO's alignment term; no
+            gradient), computed in the same pass.
+    Returns: fp32 log-probs with the shape of ``labels`` (and the log sum of squares, same shape).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
@@ -122,8 +134,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, true_vocab_size: 
     group, rank, world = _tensor_parallel_info(group)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1).long()
-    out = _VocabParallelTokenLogprobs.apply(flat_logits, flat_labels, true_vocab_size, chunk_tokens,
-                                            group, rank, world)
+    out, log_sum_sq = _VocabParallelTokenLogprobs.apply(flat_logits, flat_labels, true_vocab_size, chunk_tokens,
+                                                        group, rank, world, with_log_sum_sq)
+    if with_log_sum_sq:
+        return out.view(labels.shape), log_sum_sq.view(labels.shape)
     return out.view(labels.shape)
 
 

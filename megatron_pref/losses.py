@@ -44,6 +44,12 @@ __all__ = [
     "SPO_SHAPES",
     "compute_loss",
     "requires_reference",
+    "loss_terms",
+    "loss_weights",
+    "length_desensitised_logps",
+    "wpo_pair_weights",
+    "bco_running_mean_update",
+    "check_options",
     "dpo_loss",
     "ipo_loss",
     "hinge_loss",
@@ -86,6 +92,13 @@ class PairStats:
     rejected_token_logps: Optional[Tensor] = None
     rejected_token_mask: Optional[Tensor] = None
     pairs_per_rejected_token: Optional[Union[float, Tensor]] = None
+    # --nll-normalization token: global_pairs / global_chosen_tokens (local P / N when omitted).
+    pairs_per_chosen_token: Optional[Union[float, Tensor]] = None
+    # --bco-running-mean: delta, the running mean reward of the previous steps (train state).
+    bco_reward_shift: Optional[Union[float, Tensor]] = None
+    # --use-weighting (WPO): per response, mean over its tokens of log p(y_t) - log sum_v p(v)^2.
+    chosen_wpo_logweights: Optional[Tensor] = None
+    rejected_wpo_logweights: Optional[Tensor] = None
 
 
 @dataclass
@@ -97,8 +110,19 @@ class LossConfig:
     # scale of the logged rewards of the reference-free losses (ORPO's: orpo_lambda,
     # as TRL's ORPO trainer, whose beta is that lambda).
     beta: float = 0.1
-    # Conservative DPO (cDPO): assumed probability that a label is flipped. DPO only.
+    # Assumed probability that a label is flipped: cDPO ('dpo'), 'robust', 'exo_pair'
+    # (its epsilon, must be > 0), 'aot', 'aot_unpaired'. Refused with any other loss.
     label_smoothing: float = 0.0
+    # Weights of the terms of a comma-separated --loss (TRL's loss_weights), e.g.
+    # "--loss dpo,sft --loss-weights 1.0,0.2"; empty = 1.0 for every term.
+    loss_weights: str = ""
+    # f-divergence of the implicit reward (Wang et al. 2023, arXiv:2309.16240), TRL's
+    # f_divergence_type: reverse_kl (plain DPO), forward_kl, js_divergence, alpha_divergence.
+    f_divergence_type: str = "reverse_kl"
+    # alpha of alpha_divergence (TRL's f_alpha_divergence_coef, default 0.5).
+    f_alpha_divergence_coef: float = 0.5
+    # DiscoPOP's temperature of the logistic/exponential mix (TRL's discopop_tau, paper 0.05).
+    discopop_tau: float = 0.05
     # SPO: constant target for beta*h when no scores are used (z = beta*h / target).
     spo_target_margin: float = 1.0
     # SPO: per-pair target = score_chosen - score_rejected.
@@ -126,8 +150,23 @@ class LossConfig:
     simpo_gamma: float = 0.5
     # ORPO weight of the odds-ratio term (paper/TRL default 0.1).
     orpo_lambda: float = 0.1
-    # RPO-style extra NLL of the chosen response (per-token averaged), any loss.
+    # RPO-style extra NLL of the chosen response, any loss (shorthand of "--loss <loss>,sft
+    # --loss-weights 1,<w>").
     sft_weight: float = 0.0
+    # NLL of the chosen responses (sft, --sft-weight, ORPO's NLL): "sequence" = each response's
+    # token mean, then the pair mean; "token" = mean over every chosen response token of the
+    # global batch (TRL's, at one rank and one micro-batch).
+    nll_normalization: str = "sequence"
+    # LD-DPO (Liu et al. 2024, arXiv:2409.06411), TRL's ld_alpha: every response's log-prob
+    # (policy and reference) becomes shared + alpha * tail, where the shared part is the pair's
+    # first min(len_w, len_l) response tokens. None = off (alpha = 1).
+    ld_alpha: Optional[float] = None
+    # WPO (Zhou et al. 2024, arXiv:2406.11827), TRL's use_weighting: every pair loss is weighted by
+    # the policy's (detached) length-normalised probabilities of both responses.
+    use_weighting: bool = False
+    # bco_pair: subtract delta, the running mean of the batch-mean implicit reward over the
+    # previous steps (BCO paper, Jung et al. 2024; TRL <= 0.2x). TRL 1.16's bco_pair has none.
+    bco_running_mean: bool = False
 
     def validate(self) -> "LossConfig":
         """Raise ``ValueError`` naming the offending argument; returns self."""
@@ -151,6 +190,19 @@ class LossConfig:
             raise bad("beta", "must be > 0")
         if not 0.0 <= self.label_smoothing <= 0.5:
             raise bad("label_smoothing", "must be in [0, 0.5]")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise bad("f_divergence_type", f"must be one of {', '.join(F_DIVERGENCES)}")
+        if self.nll_normalization not in NLL_NORMALIZATIONS:
+            raise bad("nll_normalization", f"must be one of {', '.join(NLL_NORMALIZATIONS)}")
+        if self.discopop_tau <= 0:
+            raise bad("discopop_tau", "must be > 0")
+        if self.ld_alpha is not None:
+            if isinstance(self.ld_alpha, bool) or not isinstance(self.ld_alpha, (int, float)) \
+                    or not 0.0 <= self.ld_alpha <= 1.0:
+                raise bad("ld_alpha", "must be in [0, 1]")
+        if not isinstance(self.use_weighting, bool):
+            raise bad("use_weighting", "must be a bool")
+        self.weights()  # parses loss_weights (ValueError naming --loss-weights)
         if self.spo_target_margin <= 0:
             raise bad("spo_target_margin", "must be > 0")
         if self.spo_min_target <= 0:
@@ -169,6 +221,23 @@ class LossConfig:
         if self.sft_weight < 0:
             raise bad("sft_weight", "must be >= 0")
         return self
+
+    def weights(self) -> Optional[list[float]]:
+        """``loss_weights`` parsed (None when empty)."""
+        if not isinstance(self.loss_weights, str):
+            raise ValueError(f"LossConfig.loss_weights (--loss-weights) must be a string like '1.0,0.2'; "
+                             f"got {self.loss_weights!r}")
+        if not self.loss_weights.strip():
+            return None
+        try:
+            values = [float(v) for v in self.loss_weights.split(",")]
+        except ValueError:
+            raise ValueError(f"LossConfig.loss_weights (--loss-weights) must be comma-separated numbers; "
+                             f"got {self.loss_weights!r}") from None
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"LossConfig.loss_weights (--loss-weights) must be finite and >= 0; "
+                             f"got {self.loss_weights!r}")
+        return values
 
 
 @dataclass
@@ -211,19 +280,97 @@ def _metrics(reward_chosen: Tensor, reward_rejected: Tensor, logps_chosen: Tenso
 
 
 def _reference_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor]:
-    """Implicit DPO rewards ``beta * (logp - ref_logp)`` and ``logps`` (sequence level)."""
+    """Implicit DPO rewards ``beta * (logp - ref_logp)`` and ``logps`` (sequence level), as
+    TRL 1.16's DPO trainer logs them for every one of its losses (IPO included)."""
     rho_c, rho_r = _log_ratios(stats)
     return _metrics(config.beta * rho_c, config.beta * rho_r, stats.chosen_logps, stats.rejected_logps)
 
 
-def _averaged_reference_metrics(stats: PairStats, config: LossConfig) -> dict[str, Tensor]:
-    """Rewards ``beta * (lbar - ref_lbar)`` and ``logps = lbar``: TRL's DPO trainer averages
-    the log-probs per token for IPO, so its rewards, accuracies and margins are those of
-    the per-token ratios that IPO's loss regresses (sequence-level ones may disagree)."""
-    lbar_w, lbar_l = _avg(stats.chosen_logps, stats.chosen_lengths), _avg(stats.rejected_logps, stats.rejected_lengths)
-    ref_w = _avg(stats.ref_chosen_logps, stats.chosen_lengths)
-    ref_l = _avg(stats.ref_rejected_logps, stats.rejected_lengths)
-    return _metrics(config.beta * (lbar_w - ref_w), config.beta * (lbar_l - ref_l), lbar_w, lbar_l)
+NLL_NORMALIZATIONS = ("sequence", "token")
+
+
+def length_desensitised_logps(total: Tensor, shared: Tensor, alpha: float) -> Tensor:
+    """LD-DPO (Liu et al. 2024, arXiv:2409.06411, Eq. 9): ``logp_ld = shared + alpha * (total - shared)``.
+
+    ``shared`` is the log-prob of a response's first ``min(len_w, len_l)`` tokens (the length both
+    responses of the pair share), ``total - shared`` that of the excess ("verbose") tokens, which
+    ``alpha`` < 1 damps so that the longer response's extra tokens no longer dominate ``h``.
+    Applied to policy and reference log-probs alike, before any loss (the training step does it
+    per sequence; the reference table is computed with the same alpha).
+    """
+    return shared + alpha * (total - shared)
+
+
+def wpo_pair_weights(stats: PairStats) -> Tensor:
+    """WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2, TRL's ``use_weighting``), detached:
+
+    ``w = exp(a_w) * exp(a_l)``, ``a = mean over the response's tokens of
+    (log p(y_t) - log sum_v p(v)^2)``: the length-normalised probability of each response under
+    the policy, aligned by the per-token ``sum_v p(v)^2`` (the probability of sampling a token
+    twice), so that on-policy-like pairs weigh more. ``PairStats.chosen_wpo_logweights`` /
+    ``rejected_wpo_logweights`` hold ``a`` (the training step computes them from the logits).
+    """
+    if stats.chosen_wpo_logweights is None or stats.rejected_wpo_logweights is None:
+        raise ValueError("use_weighting (--use-weighting) needs PairStats.chosen_wpo_logweights and "
+                         "rejected_wpo_logweights")
+    return torch.exp(stats.chosen_wpo_logweights + stats.rejected_wpo_logweights).detach()
+
+
+def _chosen_nll(stats: PairStats, config: LossConfig) -> Tensor:
+    """Per-pair NLL of the chosen response under ``config.nll_normalization``.
+
+    * ``sequence``: ``-logp_w / len_w`` (every pair weighs the same, whatever its length).
+    * ``token``: ``-logp_w * G / N`` with ``G / N = pairs_per_chosen_token`` of the global batch,
+      so ``sum over pairs / G`` is the mean NLL over every chosen token of the global batch
+      (split invariant; per-token weight 1/N instead of 1/(G len_w)).
+    """
+    if config.nll_normalization == "sequence":
+        return -_avg(stats.chosen_logps, stats.chosen_lengths)
+    ppt = stats.pairs_per_chosen_token
+    if ppt is None:
+        # Local fallback: exact only if this micro-batch is the whole global batch.
+        ppt = stats.chosen_logps.numel() / stats.chosen_lengths.sum().clamp(min=1.0)
+    return -stats.chosen_logps * ppt
+
+
+#: f-divergences of the implicit reward (f-DPO, Wang et al. 2023, arXiv:2309.16240): the
+#: log-ratio ``rho = log(pi/pi_ref) = log u`` enters the losses as ``f'(u)``, shifted so that
+#: reverse KL (``f'(u) = log u + 1``) gives ``rho`` itself. TRL 1.16's definitions:
+#: forward_kl ``1 - 1/u``, js_divergence ``log(2u/(1+u)) = log 2 + log sigmoid(rho)``,
+#: alpha_divergence ``(u^(alpha-1) - 1)/(alpha-1)`` (reverse KL in the limit alpha -> 1).
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: Losses built on the f-divergence scores (TRL 1.16 ignores the option elsewhere; we refuse it).
+F_DIVERGENCE_LOSSES = frozenset({"dpo", "hinge", "ipo", "sigmoid_norm", "exo_pair", "robust", "discopop", "sft"})
+# exp() argument cap of alpha_divergence: TRL's fp32/bf16 value (fp64 follows fp32).
+_ALPHA_EXP_MAX = 80.0
+
+
+def _f_scores(rho: Tensor, config: LossConfig) -> Tensor:
+    """``f'(pi/pi_ref)`` of ``config.f_divergence_type`` from the log-ratio ``rho``."""
+    kind = config.f_divergence_type
+    if kind == "reverse_kl":
+        return rho
+    if kind == "forward_kl":
+        return 1.0 - torch.exp(-rho)
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(rho)
+    alpha = config.f_alpha_divergence_coef
+    if abs(alpha - 1.0) < 1e-6:
+        return rho
+    return torch.expm1(((alpha - 1.0) * rho).clamp(max=_ALPHA_EXP_MAX)) / (alpha - 1.0)
+
+
+def _avg_score_margin(stats: PairStats, config: LossConfig) -> Tensor:
+    """Per-token averaged margin ``f'(u_c)/len_c - f'(u_r)/len_r`` (IPO, sigmoid_norm)."""
+    rho_c, rho_r = _log_ratios(stats)
+    return (_avg(_f_scores(rho_c, config), stats.chosen_lengths)
+            - _avg(_f_scores(rho_r, config), stats.rejected_lengths))
+
+
+def _score_margin(stats: PairStats, config: LossConfig) -> Tensor:
+    """``d = f'(u_chosen) - f'(u_rejected)``; ``d = h`` under reverse KL (plain DPO)."""
+    rho_c, rho_r = _log_ratios(stats)
+    return _f_scores(rho_c, config) - _f_scores(rho_r, config)
 
 
 def _reference_free_metrics(stats: PairStats, scale: float) -> dict[str, Tensor]:
@@ -243,13 +390,14 @@ def _output(pair_losses: Tensor, metrics: dict[str, Tensor]) -> LossOutput:
 def dpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     """DPO (Rafailov et al. 2023, arXiv:2305.18290), with conservative DPO (cDPO).
 
-    ``L = -(1 - eps) * log sigmoid(beta*h) - eps * log sigmoid(-beta*h)``,
-    ``eps = label_smoothing`` (eps = 0 is plain DPO). cDPO treats each label as
-    flipped with probability eps, so the loss is the expected DPO loss under
-    label noise and no longer pushes ``h`` to infinity when eps > 0.
+    ``L = -(1 - eps) * log sigmoid(beta*d) - eps * log sigmoid(-beta*d)``,
+    ``eps = label_smoothing`` (eps = 0 is plain DPO), ``d = h`` (or the f-divergence
+    margin, :func:`_score_margin`). cDPO treats each label as flipped with probability
+    eps, so the loss is the expected DPO loss under label noise and no longer pushes
+    ``h`` to infinity when eps > 0. This is TRL <= 0.27's ``sigmoid``; TRL 1.16's
+    ``sigmoid`` ignores label_smoothing (it keeps it for robust, exo_pair, aot).
     """
-    rho_c, rho_r = _log_ratios(stats)
-    logits = config.beta * (rho_c - rho_r)
+    logits = config.beta * _score_margin(stats, config)
     eps = config.label_smoothing
     # logsigmoid is the numerically stable form of log(sigmoid(x)).
     losses = -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
@@ -264,20 +412,196 @@ def ipo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     ``hbar = (logp_c/len_c - ref_c/len_c) - (logp_r/len_r - ref_r/len_r)``.
     The squared loss regresses the log-ratio gap onto a finite target instead of
     maximising it; averaging per token keeps that target length independent.
+    The metrics are sequence level (``beta * rho``, ``logp``), as TRL 1.16 logs them
+    (TRL <= 0.27 logged the per-token averages).
     """
-    hbar = _avg(stats.chosen_logps - stats.ref_chosen_logps, stats.chosen_lengths) - _avg(
-        stats.rejected_logps - stats.ref_rejected_logps, stats.rejected_lengths
-    )
+    hbar = _avg_score_margin(stats, config)
     losses = (hbar - 1.0 / (2.0 * config.beta)) ** 2
-    metrics = _averaged_reference_metrics(stats, config)
+    # TRL 1.16: the averaging is inside the loss only; rewards/logps stay sequence level.
+    metrics = _reference_metrics(stats, config)
     metrics["ipo/hbar"] = hbar.detach()
     return _output(losses, metrics)
 
 
 def hinge_loss(stats: PairStats, config: LossConfig) -> LossOutput:
-    """SLiC-style hinge loss (Zhao et al. 2023, arXiv:2305.10425): ``L = relu(1 - beta*h)``."""
+    """SLiC-style hinge loss (Zhao et al. 2023, arXiv:2305.10425): ``L = relu(1 - beta*d)``,
+    ``d = h`` under reverse KL."""
+    losses = torch.relu(1.0 - config.beta * _score_margin(stats, config))
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def sigmoid_norm_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """Length-normalised DPO (TRL's ``sigmoid_norm``; per-token rewards as in SimPO,
+    Meng et al. 2024, arXiv:2405.14734, but against the reference):
+
+    ``L = -log sigmoid(beta * (rho_c/len_c - rho_r/len_r))``.
+    """
+    losses = -F.logsigmoid(config.beta * _avg_score_margin(stats, config))
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def exo_pair_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """EXO, pairwise (Ji et al. 2024, arXiv:2402.00856, Eq. 16).
+
+    ``L = KL(q || p) = q_w (log q_w - log(1-eps)) + q_l (log q_l - log eps)`` with
+    ``q_w = sigmoid(beta*d)``, ``q_l = sigmoid(-beta*d)``, ``eps = label_smoothing`` (> 0;
+    the paper uses 1e-3): the policy's two-way softmax over {chosen, rejected} is pulled
+    towards the smoothed label ``(1-eps, eps)`` by the reverse KL (mode seeking).
+    """
+    eps = config.label_smoothing
+    logits = config.beta * _score_margin(stats, config)
+    log_qw, log_ql = F.logsigmoid(logits), F.logsigmoid(-logits)
+    losses = log_qw.exp() * (log_qw - math.log1p(-eps)) + log_ql.exp() * (log_ql - math.log(eps))
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def nca_pair_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """NCA, pairwise (Chen et al. 2024, arXiv:2402.05369).
+
+    ``L = -log sigmoid(beta*rho_c) - 0.5 log sigmoid(-beta*rho_c) - 0.5 log sigmoid(-beta*rho_r)``:
+    absolute (not relative) rewards, so the chosen likelihood is kept from falling.
+    """
     rho_c, rho_r = _log_ratios(stats)
-    losses = torch.relu(1.0 - config.beta * (rho_c - rho_r))
+    rc, rr = config.beta * rho_c, config.beta * rho_r
+    losses = -F.logsigmoid(rc) - 0.5 * F.logsigmoid(-rc) - 0.5 * F.logsigmoid(-rr)
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def robust_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """Robust DPO (rDPO, Chowdhury et al. 2024, arXiv:2403.00409, Eq. 8).
+
+    ``L = ((1-eps) * -log sigmoid(beta*d) - eps * -log sigmoid(-beta*d)) / (1 - 2 eps)``,
+    ``eps = label_smoothing`` < 0.5: an unbiased estimate of the clean-label DPO loss
+    under label flips with probability eps (cDPO instead averages the two).
+    """
+    eps = config.label_smoothing
+    logits = config.beta * _score_margin(stats, config)
+    losses = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def bco_pair_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """BCO, pairwise (Jung et al. 2024, arXiv:2404.04656), as TRL 1.16's ``bco_pair``:
+
+    ``L = -log sigmoid(beta*rho_c - delta) - log sigmoid(-(beta*rho_r - delta))``: a binary
+    classifier with the implicit reward as logit (chosen = 1, rejected = 0). TRL 1.16 has
+    ``delta = 0``. With ``bco_running_mean`` (the paper's reward shift, TRL <= 0.2x's
+    ``RunningMoments``), ``delta = PairStats.bco_reward_shift``, the mean over the previous
+    training steps of each step's global-batch mean reward ``(beta*rho_c + beta*rho_r)/2``
+    (:func:`bco_running_mean_update`; kept in the checkpoint's train state).
+    """
+    rho_c, rho_r = _log_ratios(stats)
+    delta = 0.0
+    if config.bco_running_mean:
+        delta = stats.bco_reward_shift if stats.bco_reward_shift is not None else 0.0
+    losses = -F.logsigmoid(config.beta * rho_c - delta) - F.logsigmoid(-(config.beta * rho_r - delta))
+    metrics = _reference_metrics(stats, config)
+    if config.bco_running_mean:
+        metrics["bco/delta"] = torch.full_like(losses, float(delta)).detach()
+        # This pair's mean implicit reward, what the running mean averages (whatever the
+        # first term of a combination logs as rewards/*).
+        metrics["bco/reward"] = (0.5 * config.beta * (rho_c + rho_r)).detach()
+    return _output(losses, metrics)
+
+
+def bco_running_mean_update(loss_state: dict, metric_sums: dict, num_pairs: int) -> None:
+    """After a training step: fold its global-batch mean reward into ``loss_state`` (in place).
+
+    ``metric_sums`` are the step's sums over all pairs of the global batch (reduced over data-
+    parallel ranks and pipeline stages), so every rank folds in the same value: ``bco/reward``
+    sums ``beta * (rho_c + rho_r) / 2``. ``bco_mean`` is the running mean of
+    the per-step means (each step weighs 1, as TRL's RunningMoments with one value per step),
+    ``bco_steps`` their count. Unlike TRL <= 0.2x, the current step is folded in after it is
+    used, not before: its rewards exist only after the pipelined forward of every micro-batch.
+    """
+    if num_pairs <= 0:
+        return
+    reward = metric_sums["bco/reward"] / num_pairs
+    steps = int(loss_state.get("bco_steps", 0)) + 1
+    mean = float(loss_state.get("bco_mean", 0.0))
+    loss_state["bco_steps"] = steps
+    loss_state["bco_mean"] = mean + (reward - mean) / steps
+
+
+def sppo_hard_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """SPPO with hard labels (Wu et al. 2024, arXiv:2405.00675, Eq. 4.7 with P = 1 / 0):
+
+    ``L = (rho_c - 1/(2 beta))^2 + (rho_r + 1/(2 beta))^2``: each log-ratio is regressed
+    to +-1/(2 beta), the self-play target of a sure winner and a sure loser.
+    """
+    rho_c, rho_r = _log_ratios(stats)
+    half = 0.5 / config.beta
+    losses = (rho_c - half) ** 2 + (rho_r + half) ** 2
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def _smoothed_logistic(delta: Tensor, config: LossConfig) -> Tensor:
+    eps = config.label_smoothing
+    logits = config.beta * delta
+    return -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def aot_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): distributional alignment by
+    optimal transport, i.e. first-order stochastic dominance of the policy's log-ratio
+    distribution over the reference's.
+
+    ``delta = sort(logp_c - logp_r) - sort(ref_c - ref_r)`` (each sorted over the pairs of
+    the micro-batch), ``L_i = -(1-eps) log sigmoid(beta*delta_i) - eps log sigmoid(-beta*delta_i)``.
+    The sort couples the pairs that are scored together: the loss is a function of the
+    micro-batch (TRL: of the per-device batch), not a sum of independent pair losses.
+    """
+    policy = torch.sort(stats.chosen_logps - stats.rejected_logps).values
+    reference = torch.sort(stats.ref_chosen_logps - stats.ref_rejected_logps).values
+    losses = _smoothed_logistic(policy - reference, config)
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def aot_unpaired_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882): the chosen log-ratio
+    distribution should dominate the rejected one.
+
+    ``delta = sort(rho_c) - sort(rho_r)`` over the pairs of the micro-batch, then the
+    label-smoothed logistic loss of :func:`aot_loss`.
+    """
+    rho_c, rho_r = _log_ratios(stats)
+    losses = _smoothed_logistic(torch.sort(rho_c).values - torch.sort(rho_r).values, config)
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def apo_zero_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 7):
+
+    ``L = 1 - sigmoid(beta*rho_c) + sigmoid(beta*rho_r)``: raise the chosen likelihood and
+    lower the rejected one (chosen answers better than the model's own).
+    """
+    rho_c, rho_r = _log_ratios(stats)
+    losses = 1.0 - torch.sigmoid(config.beta * rho_c) + torch.sigmoid(config.beta * rho_r)
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def apo_down_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 8):
+
+    ``L = sigmoid(beta*rho_c) + 1 - sigmoid(beta*(rho_c - rho_r))``: lower both
+    likelihoods, the rejected more (chosen answers worse than the model's own).
+    """
+    rho_c, rho_r = _log_ratios(stats)
+    losses = torch.sigmoid(config.beta * rho_c) + 1.0 - torch.sigmoid(config.beta * (rho_c - rho_r))
+    return _output(losses, _reference_metrics(stats, config))
+
+
+def discopop_loss(stats: PairStats, config: LossConfig) -> LossOutput:
+    """DiscoPOP, log-ratio modulated loss (Chris Lu et al. 2024, arXiv:2406.08414, Eq. 5):
+
+    ``x = beta*d``, ``m = sigmoid(x / tau)``,
+    ``L = (1 - m) * -log sigmoid(x) + m * exp(-x)``, ``tau = discopop_tau``: logistic for
+    large margins, exponential (harder push) for inverted ones. ``m * exp(-x)`` is
+    computed as ``exp(log sigmoid(x/tau) - x)``, finite where ``0 * exp(88+) = NaN``.
+    """
+    x = config.beta * _score_margin(stats, config)
+    z = x / config.discopop_tau
+    losses = -torch.sigmoid(-z) * F.logsigmoid(x) + torch.exp(F.logsigmoid(z) - x)
     return _output(losses, _reference_metrics(stats, config))
 
 
@@ -506,7 +830,7 @@ def orpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
     cw = lbar_w.clamp(max=_ORPO_MAX_LBAR)
     cl = lbar_l.clamp(max=_ORPO_MAX_LBAR)
     log_odds = (cw - _log1mexp(cw)) - (cl - _log1mexp(cl))
-    nll = -lbar_w
+    nll = _chosen_nll(stats, config)
     ratio_loss = -F.logsigmoid(log_odds)
     losses = nll + config.orpo_lambda * ratio_loss
     # TRL's ORPO trainer scales its rewards by its beta, which is this lambda.
@@ -517,8 +841,10 @@ def orpo_loss(stats: PairStats, config: LossConfig) -> LossOutput:
 
 
 def sft_loss(stats: PairStats, config: LossConfig) -> LossOutput:
-    """Supervised fine-tuning on the chosen response: ``L = -lbar_w`` (per-token NLL)."""
-    losses = -_avg(stats.chosen_logps, stats.chosen_lengths)
+    """Supervised fine-tuning on the chosen response: ``L = -lbar_w`` (per-response token mean),
+    or with ``nll_normalization='token'`` the mean NLL over every chosen token of the global
+    batch (TRL 1.16's ``sft`` term)."""
+    losses = _chosen_nll(stats, config)
     return _output(losses, _reference_free_metrics(stats, config.beta))
 
 
@@ -529,6 +855,17 @@ LOSSES: dict[str, Callable[[PairStats, LossConfig], LossOutput]] = {
     "dpo": dpo_loss,
     "ipo": ipo_loss,
     "hinge": hinge_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "robust": robust_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss,
+    "aot_unpaired": aot_unpaired_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
     "spo": spo_loss,
     "slime": slime_loss,
     "simpo": simpo_loss,
@@ -537,18 +874,79 @@ LOSSES: dict[str, Callable[[PairStats, LossConfig], LossOutput]] = {
 }
 
 #: Losses that need ``ref_chosen_logps`` / ``ref_rejected_logps``.
-REFERENCE_LOSSES = frozenset({"dpo", "ipo", "hinge", "spo"})
+REFERENCE_LOSSES = frozenset({"dpo", "ipo", "hinge", "spo", "sigmoid_norm", "exo_pair", "nca_pair", "robust",
+                              "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
+                              "discopop"})
+#: Losses that read ``label_smoothing`` (TRL 1.16: robust, exo_pair, aot, aot_unpaired; ours also cDPO).
+LABEL_SMOOTHING_LOSSES = frozenset({"dpo", "robust", "exo_pair", "aot", "aot_unpaired"})
+#: TRL 1.16 ``loss_type`` names that differ from ours.
+TRL_NAMES = {"sigmoid": "dpo"}
+
+
+def loss_terms(spec: str) -> list[str]:
+    """The loss names of ``spec``: one name, or a comma-separated combination ("dpo,sft").
+
+    ValueError (naming --loss) for an unknown or repeated name.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"--loss must name a loss; valid names: {', '.join(sorted(LOSSES))}")
+    names = [n.strip() for n in spec.split(",")]
+    for n in names:
+        if n not in LOSSES:
+            trl = f" (TRL's {n!r} is our {TRL_NAMES[n]!r})" if n in TRL_NAMES else ""
+            raise ValueError(f"--loss {n!r} is unknown{trl}; choose one of: {', '.join(sorted(LOSSES))}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--loss {spec} names a loss twice")
+    return names
+
+
+def loss_weights(spec: str, config: LossConfig) -> list[float]:
+    """One weight per term of ``spec`` (``config.loss_weights``; 1.0 each when unset)."""
+    names = loss_terms(spec)
+    weights = config.weights()
+    if weights is None:
+        return [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"--loss-weights has {len(weights)} weight(s) for the {len(names)} loss(es) of "
+                         f"--loss {spec}")
+    return weights
 
 
 def _check_name(name: str) -> None:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss name {name!r}; valid names: {', '.join(sorted(LOSSES))}")
+    loss_terms(name)
 
 
 def requires_reference(name: str) -> bool:
-    """True if loss ``name`` needs reference-model log-probs (ValueError if unknown)."""
-    _check_name(name)
-    return name in REFERENCE_LOSSES
+    """True if loss ``name`` (or any term of a combination) needs reference-model log-probs
+    (ValueError if unknown)."""
+    return any(n in REFERENCE_LOSSES for n in loss_terms(name))
+
+
+def check_options(spec: str, config: LossConfig) -> None:
+    """Refuse options that no term of ``spec`` reads (they would be silently ignored)."""
+    names = loss_terms(spec)
+    config.validate()
+    loss_weights(spec, config)
+    if config.label_smoothing != 0.0 and not LABEL_SMOOTHING_LOSSES.intersection(names):
+        raise ValueError(f"label_smoothing (--label-smoothing) only applies to "
+                         f"{', '.join(sorted(LABEL_SMOOTHING_LOSSES))}, not --loss {spec}")
+    if "exo_pair" in names and not config.label_smoothing > 0:
+        raise ValueError("loss 'exo_pair' needs --label-smoothing > 0 (its epsilon; the paper uses 1e-3): "
+                         "log(0) makes the loss infinite")
+    if "robust" in names and not config.label_smoothing < 0.5:
+        raise ValueError("loss 'robust' needs --label-smoothing < 0.5 (it divides by 1 - 2*eps)")
+    if config.bco_running_mean and "bco_pair" not in names:
+        raise ValueError(f"--bco-running-mean only applies to bco_pair, not --loss {spec}")
+    if config.use_weighting:
+        unweightable = [n for n in names if n in ("aot", "aot_unpaired", "slime")]
+        if unweightable:
+            raise ValueError(f"--use-weighting does not apply to --loss {','.join(unweightable)} (aot sorts the "
+                             f"pairs, slime has a token-level term: no per-pair loss to weight)")
+    if config.f_divergence_type != "reverse_kl":
+        ignored = [n for n in names if n not in F_DIVERGENCE_LOSSES]
+        if ignored:
+            raise ValueError(f"--f-divergence-type {config.f_divergence_type} does not apply to --loss "
+                             f"{','.join(ignored)} (only {', '.join(sorted(F_DIVERGENCE_LOSSES))})")
 
 
 _PAIR_FIELDS = (
@@ -560,6 +958,8 @@ _PAIR_FIELDS = (
     "ref_rejected_logps",
     "score_chosen",
     "score_rejected",
+    "chosen_wpo_logweights",
+    "rejected_wpo_logweights",
 )
 
 
@@ -631,6 +1031,12 @@ def _prepare_stats(name: str, stats: PairStats, config: LossConfig, check_values
                     f"PairStats.rejected_lengths sums to {n_expected:g}"
                 )
 
+    ppct = stats.pairs_per_chosen_token
+    if isinstance(ppct, Tensor):
+        updates["pairs_per_chosen_token"] = _as_float(ppct.reshape(()))
+    elif ppct is not None and not (math.isfinite(ppct) and ppct > 0):
+        raise ValueError(f"PairStats.pairs_per_chosen_token must be finite and > 0, got {ppct}")
+
     if check_values and num_pairs:
         for fname in ("chosen_lengths", "rejected_lengths"):
             if not bool((getattr(stats, fname) > 0).all()):
@@ -639,31 +1045,60 @@ def _prepare_stats(name: str, stats: PairStats, config: LossConfig, check_values
 
 
 def compute_loss(name: str, stats: PairStats, config: LossConfig, *, check_values: bool = True) -> LossOutput:
-    """Validate, dispatch to ``LOSSES[name]`` and add the optional RPO-style NLL term.
+    """Validate, dispatch to ``LOSSES[name]`` (or the weighted sum of a combination) and add
+    the optional RPO-style NLL term.
+
+    ``name`` is one loss or a comma-separated combination, as TRL's ``loss_type`` list:
+    ``loss = sum_k w_k * L_k`` with ``w = config.loss_weights`` (1.0 each when empty). Each
+    term's unweighted per-pair value is logged as ``loss/<name>`` (for a combination); the
+    metrics are the first term's, plus the other terms' own keys (e.g. ``ipo/hbar``).
 
     Raises ``ValueError`` (naming the argument) for an unknown ``name``, invalid
     ``config``, mismatched ``PairStats`` shapes, a missing reference for a
     reference-based loss, missing ``rejected_token_logps`` for SLIME, missing
-    scores with ``spo_target_from_scores``, or ``label_smoothing`` with a loss
-    other than DPO (it would otherwise be silently ignored).
+    scores with ``spo_target_from_scores``, or an option no term reads
+    (:func:`check_options`).
 
     ``config.sft_weight * (-chosen_logps / chosen_lengths)`` is added to every
-    pair loss (and to ``loss_sum``) when ``sft_weight > 0``, logged as ``sft/nll``.
+    pair loss (and to ``loss_sum``) when ``sft_weight > 0``, logged as ``sft/nll``
+    (shorthand for ``--loss <name>,sft --loss-weights 1,<sft_weight>``).
 
     ``check_values=True`` also checks tensor *values* (lengths > 0, SLIME token
     count == sum of rejected lengths); this costs one host-device sync, so turn
     it off in a tuned training loop once the data path is trusted.
     """
-    _check_name(name)
-    config.validate()
-    if config.label_smoothing != 0.0 and name != "dpo":
-        raise ValueError(f"label_smoothing (--label-smoothing) only applies to 'dpo', not {name!r}")
-    stats = _prepare_stats(name, stats, config, check_values)
+    names = loss_terms(name)
+    check_options(name, config)
+    weights = loss_weights(name, config)
+    prepared = {n: _prepare_stats(n, stats, config, check_values) for n in names}
+    stats = prepared[names[0]]
+    weight = wpo_pair_weights(stats) if config.use_weighting else None
 
-    out = LOSSES[name](stats, config)
+    def run_term(n: str) -> LossOutput:
+        term = LOSSES[n](prepared[n], config)
+        if weight is None:
+            return term
+        pair_losses = term.pair_losses * weight
+        return LossOutput(loss_sum=pair_losses.sum(), pair_losses=pair_losses,
+                          metrics={**term.metrics, "wpo/weight": weight})
+
+    if len(names) == 1:
+        out = run_term(names[0])
+    else:
+        loss_sum, pair_losses, metrics, term_metrics = 0.0, 0.0, {}, {}
+        for n, w in zip(names, weights):
+            term = run_term(n)
+            loss_sum = loss_sum + w * term.loss_sum
+            pair_losses = pair_losses + w * term.pair_losses
+            for key, value in term.metrics.items():
+                metrics.setdefault(key, value)
+            # The term's loss_sum spread over its pairs (SLIME's token term included).
+            num = max(term.pair_losses.numel(), 1)
+            term_metrics[f"loss/{n}"] = (term.loss_sum.detach() / num).expand_as(term.pair_losses).clone()
+        out = LossOutput(loss_sum=loss_sum, pair_losses=pair_losses, metrics={**metrics, **term_metrics})
     if config.sft_weight > 0:
-        nll = -_avg(stats.chosen_logps, stats.chosen_lengths)
-        extra = config.sft_weight * nll
+        nll = _chosen_nll(stats, config)
+        extra = config.sft_weight * nll * (weight if weight is not None else 1.0)
         out = LossOutput(
             loss_sum=out.loss_sum + extra.sum(),
             pair_losses=out.pair_losses + extra,

@@ -32,6 +32,8 @@ class MicroBatch:
     ref_rejected_logps: Optional[torch.Tensor] = None  # [P]
     # Global-batch normaliser for token-level terms (SLIME): global pairs / global rejected tokens.
     pairs_per_rejected_token: Optional[float] = None
+    # Same for the token-normalised NLL (--nll-normalization token): global pairs / global chosen tokens.
+    pairs_per_chosen_token: Optional[float] = None
 
 
 @dataclass
@@ -44,21 +46,48 @@ class SequenceStats:
     rejected_lengths: torch.Tensor
     token_logps: torch.Tensor  # [T]
     rejected_token_mask: torch.Tensor  # [T] 1.0 on rejected response tokens
+    # --use-weighting (WPO): per response, mean of log p(y_t) - log sum_v p(v)^2 over its tokens.
+    chosen_wpo_logweights: Optional[torch.Tensor] = None
+    rejected_wpo_logweights: Optional[torch.Tensor] = None
+
+
+def _shared_length_mask(loss_mask, cu_seqlens, seq_ids, counts, pair_index, is_chosen, num_pairs):
+    """``[T]`` 1.0 on each response's first ``min(len_w, len_l)`` response tokens (LD-DPO's
+    shared part; TRL's ``1 <= cumsum(completion_mask) <= shared_len``)."""
+    chosen_len = counts.new_zeros(num_pairs).index_add(0, pair_index, counts * is_chosen)
+    rejected_len = counts.new_zeros(num_pairs).index_add(0, pair_index, counts * (1.0 - is_chosen))
+    shared_len = torch.minimum(chosen_len, rejected_len)[pair_index]  # per sequence
+    running = loss_mask.cumsum(0)
+    before = torch.cat([running.new_zeros(1), running])[cu_seqlens[:-1].long()]  # response tokens before each seq
+    # Padding tokens carry sequence id S: extend with values that select nothing.
+    before = torch.cat([before, before.new_zeros(1)])
+    shared_len = torch.cat([shared_len, shared_len.new_full((1,), -1.0)])
+    position = running - before[seq_ids]  # 1-based index among the sequence's response tokens
+    return loss_mask * (position <= shared_len[seq_ids]).to(loss_mask.dtype)
 
 
 def pair_statistics(logits: torch.Tensor, pack, true_vocab_size: int,
-                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> SequenceStats:
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, ld_alpha: Optional[float] = None,
+                    wpo: bool = False) -> SequenceStats:
     """Token log-probs of one pack's labels, reduced per sequence and arranged per pair.
 
     One pass over the logits yields everything the losses need, including the rejected
     tokens' individual log-probs (SLIME's token-level term), so no loss costs a second pass.
+    ``ld_alpha``: the per-sequence log-probs are LD-DPO's ``shared + alpha * tail``
+    (:func:`megatron_pref.losses.length_desensitised_logps`). ``wpo``: also WPO's per-response
+    log-weights (the same pass computes ``log sum_v p(v)^2``).
     """
+    from megatron_pref.losses import length_desensitised_logps
+
     logits = logits.reshape(-1, logits.shape[-1])
     total = logits.shape[0]
     labels = pack.labels.to(logits.device)
     loss_mask = pack.loss_mask.to(logits.device, torch.float32)
     cu_seqlens = pack.cu_seqlens.to(logits.device)
-    token_logps = token_logprobs(logits, labels, true_vocab_size, chunk_tokens)
+    if wpo:
+        token_logps, log_sum_sq = token_logprobs(logits, labels, true_vocab_size, chunk_tokens, with_log_sum_sq=True)
+    else:
+        token_logps = token_logprobs(logits, labels, true_vocab_size, chunk_tokens)
     seq_ids = sequence_ids(cu_seqlens, total)
     sums, counts = segment_sums(token_logps, loss_mask, cu_seqlens, seq_ids)
 
@@ -69,6 +98,17 @@ def pair_statistics(logits: torch.Tensor, pack, true_vocab_size: int,
     def per_pair(values, weight):
         return values.new_zeros(num_pairs).index_add(0, pair_index, values * weight)
 
+    if ld_alpha is not None:
+        shared_mask = _shared_length_mask(loss_mask, cu_seqlens, seq_ids, counts, pair_index, is_chosen, num_pairs)
+        shared, _ = segment_sums(token_logps, shared_mask, cu_seqlens, seq_ids)
+        sums = length_desensitised_logps(sums, shared, ld_alpha)
+    wpo_logweights = {}
+    if wpo:
+        aligned, _ = segment_sums((token_logps - log_sum_sq).detach(), loss_mask, cu_seqlens, seq_ids)
+        mean_aligned = aligned / counts.clamp(min=1.0)
+        wpo_logweights = dict(chosen_wpo_logweights=per_pair(mean_aligned, is_chosen),
+                              rejected_wpo_logweights=per_pair(mean_aligned, 1.0 - is_chosen))
+
     # Padding tokens carry sequence id S: extend the flag with a 0 for them.
     is_rejected_token = torch.cat([1.0 - is_chosen, is_chosen.new_zeros(1)])[seq_ids] * loss_mask
     return SequenceStats(
@@ -78,10 +118,11 @@ def pair_statistics(logits: torch.Tensor, pack, true_vocab_size: int,
         rejected_lengths=per_pair(counts, 1.0 - is_chosen),
         token_logps=token_logps,
         rejected_token_mask=is_rejected_token,
+        **wpo_logweights,
     )
 
 
-def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch):
+def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch, loss_state: Optional[dict] = None):
     """The losses module's ``PairStats`` for one micro-batch."""
     from megatron_pref.losses import PairStats
 
@@ -103,27 +144,34 @@ def pair_stats_for_loss(stats: SequenceStats, micro: MicroBatch):
         rejected_token_logps=stats.token_logps,
         rejected_token_mask=stats.rejected_token_mask,
         pairs_per_rejected_token=micro.pairs_per_rejected_token,
+        pairs_per_chosen_token=micro.pairs_per_chosen_token,
+        chosen_wpo_logweights=stats.chosen_wpo_logweights,
+        rejected_wpo_logweights=stats.rejected_wpo_logweights,
+        bco_reward_shift=(loss_state or {}).get("bco_mean"),
     )
 
 
 def preference_loss_func(output_tensor, micro: MicroBatch, loss_name: str, loss_config,
-                         true_vocab_size: int, chunk_tokens: int):
+                         true_vocab_size: int, chunk_tokens: int, loss_state: Optional[dict] = None):
     """Last stage: logits -> (loss_sum, num_pairs, metric sums over this micro-batch's pairs)."""
     from megatron_pref.losses import compute_loss
 
-    stats = pair_statistics(output_tensor, micro.pack, true_vocab_size, chunk_tokens)
+    stats = pair_statistics(output_tensor, micro.pack, true_vocab_size, chunk_tokens,
+                            ld_alpha=loss_config.ld_alpha, wpo=loss_config.use_weighting)
     # check_values=False: value checks sync with the device; the data pipeline guarantees them
     # (every response has a scored token: pairs without prompt tokens are skipped).
-    out = compute_loss(loss_name, pair_stats_for_loss(stats, micro), loss_config, check_values=False)
+    out = compute_loss(loss_name, pair_stats_for_loss(stats, micro, loss_state), loss_config, check_values=False)
     num_pairs = torch.tensor(micro.pack.pair_ids.numel(), dtype=torch.int, device=out.loss_sum.device)
     metric_sums = {name: value.detach().float().sum() for name, value in out.metrics.items()}
     metric_sums["loss"] = out.loss_sum.detach().float()
     return out.loss_sum, num_pairs, metric_sums
 
 
-def logps_loss_func(output_tensor, micro: MicroBatch, true_vocab_size: int, chunk_tokens: int):
-    """Forward-only passes (reference log-probs, evaluation): per-pair log-probs, no loss."""
-    stats = pair_statistics(output_tensor, micro.pack, true_vocab_size, chunk_tokens)
+def logps_loss_func(output_tensor, micro: MicroBatch, true_vocab_size: int, chunk_tokens: int,
+                    ld_alpha: Optional[float] = None):
+    """Forward-only passes (reference log-probs, evaluation): per-pair log-probs, no loss.
+    With LD-DPO's ``ld_alpha`` they are desensitised like the policy's."""
+    stats = pair_statistics(output_tensor, micro.pack, true_vocab_size, chunk_tokens, ld_alpha=ld_alpha)
     zero = stats.chosen_logps.sum() * 0.0
     num_pairs = torch.tensor(micro.pack.pair_ids.numel(), dtype=torch.int, device=zero.device)
     return zero, num_pairs, {
@@ -171,16 +219,19 @@ def make_forward_step(loss_func_factory: Callable[[MicroBatch], Callable], use_t
 
 
 def preference_forward_step(loss_name: str, loss_config, true_vocab_size: int, use_thd: bool,
-                            chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+                            chunk_tokens: int = DEFAULT_CHUNK_TOKENS, loss_state: Optional[dict] = None):
+    """``loss_state``: the run's loss state across steps (``TrainState.loss_state``), read at
+    every micro-batch (bco_pair's running mean reward)."""
     return make_forward_step(
         lambda micro: partial(preference_loss_func, micro=micro, loss_name=loss_name,
                               loss_config=loss_config, true_vocab_size=true_vocab_size,
-                              chunk_tokens=chunk_tokens),
+                              chunk_tokens=chunk_tokens, loss_state=loss_state),
         use_thd)
 
 
-def logps_forward_step(true_vocab_size: int, use_thd: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+def logps_forward_step(true_vocab_size: int, use_thd: bool, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                       ld_alpha: Optional[float] = None):
     return make_forward_step(
         lambda micro: partial(logps_loss_func, micro=micro, true_vocab_size=true_vocab_size,
-                              chunk_tokens=chunk_tokens),
+                              chunk_tokens=chunk_tokens, ld_alpha=ld_alpha),
         use_thd)

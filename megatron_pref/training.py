@@ -25,11 +25,12 @@ from megatron_pref.checkpointing import (CheckpointError, TrainState, check_opti
                                          save_checkpoint, validate_checkpoint_dir)
 from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint, tree_fingerprint
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
-                                  global_pair_counts, metric_sums_over_data_parallel, synchronize_params, train_step)
+                                  attach_token_normalisers, metric_sums_over_data_parallel, synchronize_params, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
 from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
                                      compute_reference_table, load_cached_table, save_cached_table)
+from megatron_pref.losses import bco_running_mean_update
 from megatron_pref.step import MicroBatch, logps_forward_step, preference_forward_step
 
 logger = logging.getLogger("megatron_pref")
@@ -143,7 +144,7 @@ def metric_names(loss_name: str, loss_config) -> list:
     one = torch.ones(1)
     stats = PairStats(chosen_logps=-one, rejected_logps=-2 * one, chosen_lengths=one, rejected_lengths=one,
                       ref_chosen_logps=-one, ref_rejected_logps=-one, score_chosen=one, score_rejected=0 * one,
-                      rejected_token_logps=-2 * one)
+                      rejected_token_logps=-2 * one, chosen_wpo_logweights=-one, rejected_wpo_logweights=-one)
     names = set(compute_loss(loss_name, stats, loss_config).metrics) | {"loss"}
     return sorted(names)
 
@@ -160,6 +161,11 @@ def _check_optimizer_resume_early(run: RunConfig, world_size: int) -> None:
     problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout, bucket_size)
     if problem:
         raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
+    if run.loss_config.bco_running_mean and saved_state.get("iteration", 0) > 0 \
+            and "bco_steps" not in (saved_state.get("loss_state") or {}):
+        # Restarting the running mean at 0 mid-run would silently change the loss.
+        raise CheckpointError(f"--load {run.checkpoint.load}: saved without --bco-running-mean, so it has no "
+                              f"running mean reward to resume")
 
 
 def _check_reference_architecture(ref_load: str, policy, check_vocab: bool = False) -> None:
@@ -265,7 +271,8 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
     """NoReference, a PrecomputedReference per split (cached), or an OnlineReference."""
     if source is None:
         return {split: NoReference() for split in loaders}
-    forward_step = logps_forward_step(model_cfg.vocab_size, use_thd, run.logprob_chunk_tokens)
+    forward_step = logps_forward_step(model_cfg.vocab_size, use_thd, run.logprob_chunk_tokens,
+                                      ld_alpha=run.loss_config.ld_alpha)
     if run.reference.ref_logprobs == "online":
         online = OnlineReference(_reference_model(run, source, model_cfg), forward_step)
         return {split: online for split in loaders}
@@ -279,6 +286,8 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
         keys[split] = cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg),
                                 data.tokenizer_fingerprint, run.data.seq_length, run.data.max_prompt_length,
                                 precision, model_cfg.to_dict())
+        if run.loss_config.ld_alpha is not None:  # the cached values are LD-DPO's desensitised sums
+            keys[split]["ld_alpha"] = run.loss_config.ld_alpha
         tables[split] = load_cached_table(cache_root / split, keys[split], len(loader.dataset))
     hits = _cache_hits_on_every_rank([tables[split] is not None for split in loaders])
     missing_splits = [split for split, hit in zip(loaders, hits) if not hit]
@@ -315,9 +324,7 @@ def evaluate(model_chunks, loader, reference, forward_step, names, max_steps: Op
             break
         micro = [MicroBatch(p) for p in packs]
         reference.attach(micro)
-        step_pairs, rejected_tokens = global_pair_counts(micro)
-        for m in micro:
-            m.pairs_per_rejected_token = step_pairs / max(rejected_tokens, 1)
+        step_pairs = attach_token_normalisers(micro)
         # The last step may leave a data-parallel rank without pairs; it still joins the reductions.
         outputs = forward_only_pass(model_chunks, micro, forward_step) if micro else []
         for name, value in metric_sums_over_data_parallel(outputs, names).items():
@@ -471,8 +478,11 @@ def train(run: RunConfig) -> dict:
     metrics_logger = MetricsLogger(train_iters, run.log.tensorboard_dir, run.log.wandb_project,
                                    run.log.wandb_exp_name, run.log.wandb_save_dir, metrics_file, run_summary)
     names = metric_names(run.loss, run.loss_config)
+    if run.loss_config.bco_running_mean:
+        state.loss_state.setdefault("bco_steps", 0)
+        state.loss_state.setdefault("bco_mean", 0.0)
     forward_step = preference_forward_step(run.loss, run.loss_config, model_cfg.vocab_size, use_thd,
-                                           run.logprob_chunk_tokens)
+                                           run.logprob_chunk_tokens, loss_state=state.loss_state)
 
     def run_evaluation(tag: str) -> dict:
         if valid_loader is None:
@@ -503,6 +513,8 @@ def train(run: RunConfig) -> dict:
         result = train_step(model_chunks, optimizer, micro, forward_step, names, state.iteration + 1,
                             run.skip_nonfinite_batches)
         scheduler.step(increment=1)
+        if run.loss_config.bco_running_mean and not result.skipped:
+            bco_running_mean_update(state.loss_state, result.metric_sums, result.num_pairs)
         state.iteration += 1
         state.consumed_pairs = train_loader.consumed_pairs
         state.epoch = train_loader.epoch

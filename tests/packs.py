@@ -44,6 +44,7 @@ def make_pack(pairs, pair_ids=None, pad_to_multiple=8, scores=None):
         pair_ids=torch.tensor(pair_ids if pair_ids is not None else list(range(len(pairs)))),
         score_chosen=None, score_rejected=None)
     pack.num_rejected_response_tokens = int(sum(len(r) for _, _, r in pairs))
+    pack.num_chosen_response_tokens = int(sum(len(c) for _, c, _ in pairs))
     pack.num_pairs = len(pairs)
     return pack
 

@@ -17,6 +17,9 @@ from megatron_pref.losses import (
 )
 
 E = math.e
+#: The pairwise losses of TRL 1.16's DPOTrainer added under TRL's names (issue 13).
+NEW_TRL_LOSSES = {"sigmoid_norm", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop"}
 T = torch.float64  # double precision so closed-form comparisons can be tight
 
 
@@ -407,12 +410,19 @@ def test_sft_is_per_token_nll_of_chosen():
     assert out.loss_sum.item() == pytest.approx(5.0)
 
 
+def config_for(name, **kw):
+    """LossConfig(**kw), with the epsilon exo_pair cannot do without."""
+    if name == "exo_pair" and not kw.get("label_smoothing"):
+        kw["label_smoothing"] = 1e-3
+    return LossConfig(**kw)
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_sft_weight_adds_exactly_the_nll_term(name):
     s = generic_stats()
-    base = compute_loss(name, s, LossConfig())
+    base = compute_loss(name, s, config_for(name))
     w = 0.7
-    out = compute_loss(name, s, LossConfig(sft_weight=w))
+    out = compute_loss(name, s, config_for(name, sft_weight=w))
     nll = t(2.0, 3.0)  # -(-6/3), -(-15/5)
     torch.testing.assert_close(out.pair_losses - base.pair_losses, w * nll)
     assert (out.loss_sum - base.loss_sum).item() == pytest.approx(w * 5.0, rel=1e-12)
@@ -424,8 +434,13 @@ def test_sft_weight_adds_exactly_the_nll_term(name):
 # --------------------------------------------------------------------------- #
 def test_every_loss_gives_a_distinct_objective():
     s = generic_stats()
-    values = {name: compute_loss(name, s, LossConfig()).loss_sum.item() for name in LOSSES}
-    assert set(values) == {"dpo", "ipo", "hinge", "spo", "slime", "simpo", "orpo", "sft"}
+    # Break generic_stats' symmetry (apo_zero == apo_down there) and reverse the reference
+    # margins' order (aot == dpo when sorting keeps the pairing).
+    s.ref_chosen_logps, s.ref_rejected_logps = t(-7.3, -14.1), t(-8.0, -16.0)
+    # robust == dpo at label_smoothing 0 (rDPO's correction vanishes): compare at 0.1.
+    values = {name: compute_loss(name, s, config_for(name, label_smoothing=0.1 if name == "robust" else 0.0))
+              .loss_sum.item() for name in LOSSES}
+    assert set(values) == {"dpo", "ipo", "hinge", "spo", "slime", "simpo", "orpo", "sft"} | NEW_TRL_LOSSES
     vals = sorted(values.values())
     assert all(b - a > 1e-6 for a, b in zip(vals, vals[1:])), values
 
@@ -440,15 +455,16 @@ def test_unknown_loss_name_lists_valid_names():
 
 
 def test_requires_reference():
-    assert {n for n in LOSSES if requires_reference(n)} == {"dpo", "ipo", "hinge", "spo"}
+    assert {n for n in LOSSES if requires_reference(n)} == {"dpo", "ipo", "hinge", "spo"} | NEW_TRL_LOSSES
+    assert requires_reference("sft,dpo") and not requires_reference("sft,simpo")
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "spo"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "spo"] + sorted(NEW_TRL_LOSSES))
 def test_reference_losses_need_reference(name):
     s = generic_stats()
     s.ref_rejected_logps = None
     with pytest.raises(ValueError, match="ref_rejected_logps"):
-        compute_loss(name, s, LossConfig())
+        compute_loss(name, s, config_for(name))
 
 
 @pytest.mark.parametrize("name", ["slime", "simpo", "orpo", "sft"])
@@ -474,23 +490,23 @@ def test_reference_metrics_are_beta_log_ratios(name):
     assert all(not v.requires_grad and v.shape == (2,) for v in m.values())
 
 
-def test_ipo_metrics_are_per_token_like_trl():
-    """TRL's DPO trainer averages log-probs per token for IPO: rewards are beta * (lbar -
-    ref_lbar), and their accuracy agrees with the per-token gap IPO regresses."""
-    beta = 0.5
-    # Sequence level the chosen ratio (+2) beats the rejected one (+1); per token it does not
-    # (+0.2 against +0.5), and hbar < 0 says so.
-    s = PairStats(chosen_logps=t(-18.0), rejected_logps=t(-9.0), chosen_lengths=t(10.0), rejected_lengths=t(2.0),
-                  ref_chosen_logps=t(-20.0), ref_rejected_logps=t(-10.0))
-    m = compute_loss("ipo", s, LossConfig(beta=beta)).metrics
-    torch.testing.assert_close(m["rewards/chosen"], t(beta * 0.2))
-    torch.testing.assert_close(m["rewards/rejected"], t(beta * 0.5))
+def test_ipo_metrics_are_sequence_level_like_trl_1_16():
+    """TRL 1.16 averages per token only inside the IPO loss; rewards/* and logps/* stay
+    sequence level (issue 13's reproduction; TRL <= 0.27 and our old code gave 0.01, 0.002,
+    accuracy 1 and logps -1)."""
+    beta = 0.1
+    s = PairStats(chosen_logps=t(-10.0), rejected_logps=t(-30.0), chosen_lengths=t(10.0),
+                  rejected_lengths=t(100.0), ref_chosen_logps=t(-11.0), ref_rejected_logps=t(-32.0))
+    out = compute_loss("ipo", s, LossConfig(beta=beta))
+    m = out.metrics
+    torch.testing.assert_close(m["rewards/chosen"], t(0.1))
+    torch.testing.assert_close(m["rewards/rejected"], t(0.2))
     torch.testing.assert_close(m["rewards/accuracies"], t(0.0))
-    torch.testing.assert_close(m["logps/chosen"], t(-1.8))
-    torch.testing.assert_close(m["logps/rejected"], t(-4.5))
-    assert m["ipo/hbar"].item() == pytest.approx(-0.3)
-    # Control: DPO on the same pair logs the sequence-level ratios, which call it accurate.
-    assert compute_loss("dpo", s, LossConfig(beta=beta)).metrics["rewards/accuracies"].item() == 1.0
+    torch.testing.assert_close(m["logps/chosen"], t(-10.0))
+    torch.testing.assert_close(m["logps/rejected"], t(-30.0))
+    # The loss itself still regresses the per-token gap: hbar = 1/10 - 2/100.
+    assert m["ipo/hbar"].item() == pytest.approx(0.08)
+    assert out.loss_sum.item() == pytest.approx((0.08 - 5.0) ** 2)
 
 
 @pytest.mark.parametrize("name", ["slime", "simpo", "orpo", "sft"])
@@ -619,3 +635,271 @@ def test_spo_pair_without_scores_is_skipped():
     assert out.pair_losses[1].item() == 0.0 and out.pair_losses[0].item() > 0.0
     out.loss_sum.backward()
     assert torch.isfinite(stats.chosen_logps.grad).all() and stats.chosen_logps.grad[1].item() == 0.0
+
+
+# --------------------------------------------------------------------------- #
+# TRL 1.16's pairwise losses: closed forms (tests/test_losses_trl.py checks them against TRL)
+# --------------------------------------------------------------------------- #
+def one_pair(rho_c, rho_r, len_c=2.0, len_r=5.0, grad=False):
+    """One pair with log-ratios rho_c, rho_r (reference -4 and -6)."""
+    return PairStats(chosen_logps=t(-4.0 + rho_c, grad=grad), rejected_logps=t(-6.0 + rho_r, grad=grad),
+                     chosen_lengths=t(len_c), rejected_lengths=t(len_r),
+                     ref_chosen_logps=t(-4.0), ref_rejected_logps=t(-6.0))
+
+
+def logsig(x):
+    return -softplus(-x)
+
+
+RC, RR, BETA = 0.7, -0.4, 0.5  # rho_c, rho_r, beta of the closed forms below
+CLOSED_FORMS = {
+    "sigmoid_norm": ({}, -logsig(BETA * (RC / 2 - RR / 5))),
+    "nca_pair": ({}, -logsig(BETA * RC) - 0.5 * logsig(-BETA * RC) - 0.5 * logsig(-BETA * RR)),
+    "robust": ({"label_smoothing": 0.2},
+               (-(0.8) * logsig(BETA * (RC - RR)) + 0.2 * logsig(-BETA * (RC - RR))) / 0.6),
+    "bco_pair": ({}, -logsig(BETA * RC) - logsig(-BETA * RR)),
+    "sppo_hard": ({}, (RC - 1.0) ** 2 + (RR + 1.0) ** 2),
+    "apo_zero": ({}, 1 - sigmoid(BETA * RC) + sigmoid(BETA * RR)),
+    "apo_down": ({}, sigmoid(BETA * RC) + 1 - sigmoid(BETA * (RC - RR))),
+    "exo_pair": ({"label_smoothing": 0.01},
+                 sigmoid(BETA * (RC - RR)) * (logsig(BETA * (RC - RR)) - math.log(0.99))
+                 + sigmoid(-BETA * (RC - RR)) * (logsig(-BETA * (RC - RR)) - math.log(0.01))),
+    "discopop": ({"discopop_tau": 0.05},
+                 (1 - sigmoid(BETA * (RC - RR) / 0.05)) * -logsig(BETA * (RC - RR))
+                 + sigmoid(BETA * (RC - RR) / 0.05) * math.exp(-BETA * (RC - RR))),
+    # One pair: sorting changes nothing, so both AOT variants are (label-smoothed) DPO.
+    "aot": ({"label_smoothing": 0.1}, -0.9 * logsig(BETA * (RC - RR)) - 0.1 * logsig(-BETA * (RC - RR))),
+    "aot_unpaired": ({}, -logsig(BETA * (RC - RR))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORMS))
+def test_trl_loss_closed_form(name):
+    options, expected = CLOSED_FORMS[name]
+    out = compute_loss(name, one_pair(RC, RR), LossConfig(beta=BETA, **options))
+    assert out.loss_sum.item() == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(out.pair_losses, t(expected))
+    # TRL 1.16's metrics: sequence-level beta * rho for every loss.
+    torch.testing.assert_close(out.metrics["rewards/chosen"], t(BETA * RC))
+    torch.testing.assert_close(out.metrics["rewards/rejected"], t(BETA * RR))
+
+
+def test_closed_forms_cover_every_new_loss():
+    assert set(CLOSED_FORMS) == NEW_TRL_LOSSES
+
+
+def test_aot_sorts_over_the_micro_batch():
+    """AOT couples pairs: delta_i = sorted(policy margins)_i - sorted(reference margins)_i."""
+    s = PairStats(chosen_logps=t(-1.0, -2.0), rejected_logps=t(-3.0, -1.0), chosen_lengths=t(1.0, 1.0),
+                  rejected_lengths=t(1.0, 1.0), ref_chosen_logps=t(-2.0, -1.0), ref_rejected_logps=t(-2.5, -4.0))
+    # policy margins (2, -1) -> sorted (-1, 2); reference margins (0.5, 3) -> sorted (0.5, 3).
+    out = compute_loss("aot", s, LossConfig(beta=1.0))
+    torch.testing.assert_close(out.pair_losses, t(-logsig(-1.5), -logsig(-1.0)))
+    # aot_unpaired: rho_c = (1, -1) -> (-1, 1); rho_r = (-0.5, 3) -> (-0.5, 3).
+    out = compute_loss("aot_unpaired", s, LossConfig(beta=1.0))
+    torch.testing.assert_close(out.pair_losses, t(-logsig(-0.5), -logsig(-2.0)))
+
+
+def test_discopop_is_finite_for_badly_inverted_pairs():
+    """exp(-x) overflows float32 at x < -88; the weight sigmoid(x/tau) underflows first, and
+    TRL's product gives 0 * inf = NaN. Ours is exp(log sigmoid(x/tau) - x): finite."""
+    s = PairStats(chosen_logps=t(-500.0, dtype=torch.float32, grad=True), rejected_logps=t(-1.0, dtype=torch.float32),
+                  chosen_lengths=t(1.0, dtype=torch.float32), rejected_lengths=t(1.0, dtype=torch.float32),
+                  ref_chosen_logps=t(-1.0, dtype=torch.float32), ref_rejected_logps=t(-1.0, dtype=torch.float32))
+    out = compute_loss("discopop", s, LossConfig(beta=1.0))
+    out.loss_sum.backward()
+    assert math.isfinite(out.loss_sum.item()) and math.isfinite(s.chosen_logps.grad.item())
+    # Control: the naive product is NaN here.
+    x = torch.tensor(-499.0)
+    assert math.isnan((torch.sigmoid(x / 0.05) * torch.exp(-x)).item())
+
+
+@pytest.mark.parametrize("kind, score", [
+    ("forward_kl", lambda r: 1 - math.exp(-r)),
+    ("js_divergence", lambda r: math.log(2) + logsig(r)),
+    ("alpha_divergence", lambda r: (math.exp(-0.5 * r) - 1) / -0.5),
+])
+def test_f_divergence_scores_closed_form(kind, score):
+    """f-DPO: DPO on f'(u) with u = pi/pi_ref (alpha = 0.5 for alpha_divergence)."""
+    out = compute_loss("dpo", one_pair(RC, RR), LossConfig(beta=BETA, f_divergence_type=kind))
+    assert out.loss_sum.item() == pytest.approx(-logsig(BETA * (score(RC) - score(RR))), rel=1e-12)
+    # alpha -> 1 is reverse KL, plain DPO.
+    plain = compute_loss("dpo", one_pair(RC, RR), LossConfig(beta=BETA)).loss_sum.item()
+    assert plain == pytest.approx(-logsig(BETA * (RC - RR)), rel=1e-12)
+    assert compute_loss("dpo", one_pair(RC, RR), LossConfig(
+        beta=BETA, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)).loss_sum.item() == plain
+
+
+@pytest.mark.parametrize("spec, options, match", [
+    ("bco_pair", {"f_divergence_type": "forward_kl"}, "--f-divergence-type forward_kl does not apply to --loss bco_pair"),
+    ("exo_pair", {}, "exo_pair' needs --label-smoothing > 0"),
+    ("robust", {"label_smoothing": 0.5}, "robust' needs --label-smoothing < 0.5"),
+    ("ipo", {"label_smoothing": 0.1}, "label_smoothing"),
+    ("dpo,sft", {"loss_weights": "1.0"}, "--loss-weights has 1 weight"),
+    ("dpo,sft", {"loss_weights": "1,x"}, "comma-separated numbers"),
+    ("dpo,dpo", {}, "names a loss twice"),
+    ("sigmoid", {}, "TRL's 'sigmoid' is our 'dpo'"),
+])
+def test_bad_options_are_refused(spec, options, match):
+    with pytest.raises(ValueError, match=match):
+        compute_loss(spec, one_pair(RC, RR), LossConfig(**options))
+
+
+def test_weighted_combination_is_the_weighted_sum():
+    s = generic_stats()
+    parts = {n: compute_loss(n, s, LossConfig()) for n in ("dpo", "sft", "simpo")}
+    out = compute_loss("dpo,sft,simpo", s, LossConfig(loss_weights="1.0,0.2,0.5"))
+    expected = parts["dpo"].loss_sum + 0.2 * parts["sft"].loss_sum + 0.5 * parts["simpo"].loss_sum
+    assert out.loss_sum.item() == pytest.approx(expected.item(), rel=1e-12)
+    for n in parts:
+        assert out.metrics[f"loss/{n}"].sum().item() == pytest.approx(parts[n].loss_sum.item(), rel=1e-12)
+    # The first term's metrics (DPO's sequence-level rewards), not SimPO's.
+    torch.testing.assert_close(out.metrics["rewards/chosen"], parts["dpo"].metrics["rewards/chosen"])
+    # --sft-weight is the shorthand of "<loss>,sft" with weights 1,w.
+    shorthand = compute_loss("dpo", s, LossConfig(sft_weight=0.2)).loss_sum
+    assert compute_loss("dpo,sft", s, LossConfig(loss_weights="1,0.2")).loss_sum.item() == pytest.approx(
+        shorthand.item(), rel=1e-12)
+    # Unset weights are 1.0 each.
+    assert compute_loss("dpo,sft", s, LossConfig()).loss_sum.item() == pytest.approx(
+        (parts["dpo"].loss_sum + parts["sft"].loss_sum).item(), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# --nll-normalization
+# --------------------------------------------------------------------------- #
+def two_chosen(**kw):
+    """Chosen responses [-1, -1] and 8 x [-0.25] (issue 13's example)."""
+    return PairStats(chosen_logps=t(-2.0, -2.0), rejected_logps=t(-3.0, -3.0), chosen_lengths=t(2.0, 8.0),
+                     rejected_lengths=t(1.0, 1.0), ref_chosen_logps=t(-2.0, -2.0),
+                     ref_rejected_logps=t(-3.0, -3.0), **kw)
+
+
+def test_nll_normalization_sequence_and_token():
+    seq = compute_loss("sft", two_chosen(), LossConfig())
+    assert seq.loss_sum.item() / 2 == pytest.approx(0.625)  # mean(1, 0.25)
+    tok = compute_loss("sft", two_chosen(), LossConfig(nll_normalization="token"))
+    assert tok.loss_sum.item() / 2 == pytest.approx(0.4)  # 4 / 10 tokens, TRL's sft
+    # The same for --sft-weight and ORPO's NLL term.
+    for name, cfg in (("dpo", {"sft_weight": 1.0}), ("orpo", {})):
+        a = compute_loss(name, two_chosen(), LossConfig(**cfg)).loss_sum.item()
+        b = compute_loss(name, two_chosen(), LossConfig(nll_normalization="token", **cfg)).loss_sum.item()
+        assert (a - b) / 2 == pytest.approx(0.625 - 0.4)
+
+
+def test_token_nll_is_split_invariant_with_the_global_ratio():
+    """Micro-batches of one pair each, given the global pairs/chosen-tokens ratio, add up to the
+    global token mean; the local fallback (P / N per micro-batch) does not (negative control)."""
+    whole = compute_loss("sft", two_chosen(), LossConfig(nll_normalization="token")).loss_sum.item()
+    parts = local = 0.0
+    for i in range(2):
+        s = two_chosen()
+        part = PairStats(**{f.name: (getattr(s, f.name)[i:i + 1] if isinstance(getattr(s, f.name), torch.Tensor)
+                                     else None) for f in dataclasses.fields(s)})
+        local += compute_loss("sft", part, LossConfig(nll_normalization="token")).loss_sum.item()
+        part.pairs_per_chosen_token = 2 / 10
+        parts += compute_loss("sft", part, LossConfig(nll_normalization="token")).loss_sum.item()
+    assert parts == pytest.approx(whole)
+    assert local != pytest.approx(whole)
+
+
+# --------------------------------------------------------------------------- #
+# LD-DPO (--ld-alpha) and WPO (--use-weighting): closed forms through the step's pair_statistics
+# --------------------------------------------------------------------------- #
+def _pack_with_token_logps(token_logps_by_seq):
+    """A pack of one pair (prompt [1], chosen, rejected) and logits whose label log-probs are
+    the given values: logits put log p on the label and spread the rest uniformly."""
+    from tests.packs import make_pack
+
+    vocab = 4
+    chosen, rejected = token_logps_by_seq
+    pack = make_pack([([1], [1] * len(chosen), [1] * len(rejected))], pad_to_multiple=1)
+    values = torch.zeros(pack.tokens.numel(), dtype=T)
+    cu = pack.cu_seqlens.tolist()
+    for s, logps in enumerate((chosen, rejected)):
+        idx = [i for i in range(cu[s], cu[s + 1]) if pack.loss_mask[i] > 0]
+        values[idx] = torch.tensor(logps, dtype=T)
+    # logit of the label = log p, the other 3 share 1 - p: log((1 - p) / 3).
+    p = values.exp().clamp(max=1 - 1e-12)
+    logits = torch.log((1 - p) / (vocab - 1))[:, None].repeat(1, vocab)
+    logits.scatter_(1, pack.labels[:, None], values[:, None])
+    return pack, logits, vocab
+
+
+def test_ld_alpha_damps_the_tokens_past_the_shared_length():
+    from megatron_pref.losses import length_desensitised_logps
+    from megatron_pref.step import pair_statistics
+
+    assert length_desensitised_logps(t(-10.0), t(-4.0), 0.25).item() == pytest.approx(-4.0 - 0.25 * 6.0)
+    pack, logits, vocab = _pack_with_token_logps(([-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5, -4.0, -8.0]))
+    stats = pair_statistics(logits, pack, vocab, ld_alpha=0.5)
+    # Shared length 3: chosen untouched; rejected = -1.5 + 0.5 * (-12).
+    assert stats.chosen_logps.item() == pytest.approx(-6.0, abs=1e-5)
+    assert stats.rejected_logps.item() == pytest.approx(-7.5, abs=1e-5)
+    # Lengths stay the full response lengths (IPO's and sigmoid_norm's averages, as TRL).
+    assert stats.rejected_lengths.item() == 5
+    # Control: no ld_alpha is the plain sum.
+    assert pair_statistics(logits, pack, vocab).rejected_logps.item() == pytest.approx(-13.5, abs=1e-5)
+
+
+def test_wpo_weights_closed_form():
+    """Uniform logits: log p = log sum p^2 = -log V, so every weight is exp(0) = 1; a peaked
+    distribution gives p / sum p^2 per token."""
+    from megatron_pref.losses import wpo_pair_weights
+    from megatron_pref.step import pair_statistics, pair_stats_for_loss, MicroBatch
+
+    pack, logits, vocab = _pack_with_token_logps(([math.log(0.25)] * 2, [math.log(0.25)] * 3))
+    stats = pair_statistics(logits, pack, vocab, wpo=True)
+    assert stats.chosen_wpo_logweights.item() == pytest.approx(0.0, abs=1e-6)
+    pack, logits, vocab = _pack_with_token_logps(([math.log(0.7)], [math.log(0.1)]))
+    stats = pair_statistics(logits, pack, vocab, wpo=True)
+    sq_c, sq_r = 0.7 ** 2 + 3 * 0.1 ** 2, 0.1 ** 2 + 3 * 0.3 ** 2
+    w = wpo_pair_weights(pair_stats_for_loss(stats, MicroBatch(pack)))
+    assert w.item() == pytest.approx((0.7 / sq_c) * (0.1 / sq_r), rel=1e-5)
+    # The weight multiplies every pair loss, and carries no gradient.
+    s = generic_stats(grad=True)
+    s.chosen_wpo_logweights, s.rejected_wpo_logweights = t(-0.1, -0.5), t(-0.2, -1.0)
+    base = compute_loss("dpo", s, LossConfig())
+    out = compute_loss("dpo", s, LossConfig(use_weighting=True))
+    torch.testing.assert_close(out.pair_losses, base.pair_losses * torch.exp(t(-0.3, -1.5)))
+    assert not out.metrics["wpo/weight"].requires_grad
+
+
+def test_use_weighting_refused_where_pairs_have_no_own_loss():
+    for name in ("aot", "aot_unpaired", "slime"):
+        with pytest.raises(ValueError, match="--use-weighting does not apply"):
+            compute_loss(name, generic_stats(), LossConfig(use_weighting=True))
+    with pytest.raises(ValueError, match="ld_alpha"):
+        LossConfig(ld_alpha=1.5).validate()
+
+
+def test_bco_running_mean_closed_form():
+    from megatron_pref.losses import bco_running_mean_update
+
+    s = one_pair(RC, RR)
+    s.bco_reward_shift = 0.3
+    out = compute_loss("bco_pair", s, LossConfig(beta=BETA, bco_running_mean=True))
+    assert out.loss_sum.item() == pytest.approx(-logsig(BETA * RC - 0.3) - logsig(-(BETA * RR - 0.3)), rel=1e-12)
+    assert out.metrics["bco/reward"].item() == pytest.approx(BETA * (RC + RR) / 2)
+    # Without the flag (TRL 1.16) the shift is not used.
+    assert compute_loss("bco_pair", s, LossConfig(beta=BETA)).loss_sum.item() == pytest.approx(
+        CLOSED_FORMS["bco_pair"][1], rel=1e-12)
+    # The running mean of per-step mean rewards: steps 0.2 (over 4 pairs) and -0.6 -> -0.2.
+    state = {}
+    bco_running_mean_update(state, {"bco/reward": 0.8}, 4)
+    bco_running_mean_update(state, {"bco/reward": -1.2}, 2)
+    assert state == {"bco_steps": 2, "bco_mean": pytest.approx(-0.2)}
+    with pytest.raises(ValueError, match="--bco-running-mean only applies to bco_pair"):
+        compute_loss("dpo", s, LossConfig(bco_running_mean=True))
+
+
+def test_slime_counts_zero_log_prob_rejected_tokens():
+    """The formula counts a rejected token with log-prob exactly 0.0; the authors' released trainer
+    drops it (its mask is logp != 0): chosen [-0.5], rejected [0.0, -2.0] at paper defaults give
+    0.897797 here and 0.965109 there (the authors' stabiliser averages the -2.0 token alone)."""
+    s = PairStats(chosen_logps=t(-0.5), rejected_logps=t(-2.0), chosen_lengths=t(1.0), rejected_lengths=t(2.0),
+                  rejected_token_logps=t(0.0, -2.0))
+    assert compute_loss("slime", s, LossConfig()).loss_sum.item() == pytest.approx(0.897797, abs=1e-6)
+    dropped = PairStats(chosen_logps=t(-0.5), rejected_logps=t(-2.0), chosen_lengths=t(1.0),
+                        rejected_lengths=t(2.0), rejected_token_logps=t(-2.0), pairs_per_rejected_token=1.0)
+    assert compute_loss("slime", dropped, LossConfig(), check_values=False).loss_sum.item() == pytest.approx(
+        0.965109, abs=1e-6)

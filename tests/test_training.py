@@ -396,6 +396,70 @@ def test_every_loss_trains_end_to_end(distributed, tmp_path, loss, tiny):
     assert math.isfinite(result["train"]["loss"]) and result["train"]["grad_norm"] > 0
 
 
+# Step 0 (reference = initial policy, every log-ratio 0) closed forms of TRL 1.16's losses at
+# beta 0.1, label smoothing 0.1, discopop tau 0.05.
+LN2 = math.log(2)
+STEP_ZERO_TRL_LOSSES = {
+    "sigmoid_norm": LN2, "nca_pair": 2 * LN2, "robust": LN2, "bco_pair": 2 * LN2, "sppo_hard": 2 * 5.0 ** 2,
+    "aot": LN2, "aot_unpaired": LN2, "apo_zero": 1.0, "apo_down": 1.0, "discopop": 0.5 * LN2 + 0.5,
+    "exo_pair": 0.5 * (math.log(0.5) - math.log(0.9)) + 0.5 * (math.log(0.5) - math.log(0.1)),
+}
+
+
+@pytest.mark.parametrize("world,tp,pp", [(2, 2, 1), (2, 1, 2)])
+def test_trl_losses_train_end_to_end_as_a_weighted_sum(distributed, tmp_path, tiny, world, tp, pp):
+    """Every TRL 1.16 loss in one weighted combination, with LD-DPO on: each term is logged as
+    loss/<name> with its step-0 closed form, and the loss is their weighted sum."""
+    names = sorted(STEP_ZERO_TRL_LOSSES)
+    weights = [0.5 + 0.1 * i for i in range(len(names))]
+    argv = tiny + layout_flags(tp, pp) + [
+        "--loss", ",".join(names), "--loss-weights", ",".join(f"{w:g}" for w in weights),
+        "--label-smoothing", "0.1", "--ld-alpha", "0.5", "--train-iters", "2",
+        "--ref-cache-dir", str(tmp_path / "cache")]
+    result = run_training(distributed, world, argv)[0]
+    first = result["eval_before"]
+    for name in names:
+        assert first[f"eval/loss/{name}"] == pytest.approx(STEP_ZERO_TRL_LOSSES[name], abs=1e-5), name
+    assert first["eval/loss"] == pytest.approx(sum(w * STEP_ZERO_TRL_LOSSES[n] for n, w in zip(names, weights)),
+                                               abs=1e-4)
+    assert result["iteration"] == 2 and math.isfinite(result["train"]["loss"]) and result["train"]["grad_norm"] > 0
+
+
+def test_wpo_and_token_nll_train_end_to_end(distributed, tmp_path, tiny):
+    """--use-weighting at step 0: the DPO term is ln 2 times the mean WPO weight (< 1)."""
+    argv = tiny + ["--loss", "dpo,sft", "--loss-weights", "1,0.2", "--use-weighting",
+                   "--nll-normalization", "token", "--train-iters", "1", "--ref-cache-dir", str(tmp_path / "cache")]
+    first = run_training(distributed, 2, argv)[0]["eval_before"]
+    assert 0 < first["eval/wpo/weight"] < 1
+    assert first["eval/loss/dpo"] == pytest.approx(LN2 * first["eval/wpo/weight"], rel=1e-5)
+    assert first["eval/loss"] == pytest.approx(first["eval/loss/dpo"] + 0.2 * first["eval/loss/sft"], rel=1e-5)
+
+
+def test_bco_running_mean_survives_resume(distributed, tmp_path, tiny):
+    """--bco-running-mean: the running mean reward (train state, the same on both data-parallel
+    ranks) goes through the checkpoint: 2 steps + save + load + 1 step == 3 steps, bit for bit.
+    A checkpoint saved without the flag cannot be resumed with it (one line)."""
+    common = tiny + ["--loss", "bco_pair", "--bco-running-mean", "--ref-cache-dir", str(tmp_path / "cache"),
+                     "--eval-interval", "100", "--train-iters", "3"]
+    whole = run_training(distributed, 2, common)
+    # Step 3 uses the mean reward of steps 1 and 2: not zero once the policy has moved.
+    delta = whole[0]["train"]["bco/delta"]
+    assert delta != 0 and all(r["train"]["bco/delta"] == delta for r in whole)
+    run_training(distributed, 2, common + ["--save", str(tmp_path / "ckpt"), "--save-interval", "2",
+                                           "--exit-interval", "2"])
+    resumed = run_training(distributed, 2, common + ["--load", str(tmp_path / "ckpt")])
+    assert resumed[0]["train"]["bco/delta"] == delta
+    assert [r["weights_sha256"] for r in resumed] == [r["weights_sha256"] for r in whole]
+
+    plain = [a for a in common if a != "--bco-running-mean"]
+    run_training(distributed, 1, plain + ["--save", str(tmp_path / "plain"), "--save-interval", "1",
+                                          "--exit-interval", "1"])
+    from megatron_pref.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError, match="saved without --bco-running-mean"):
+        _train(common + ["--load", str(tmp_path / "plain")])
+
+
 def test_online_reference_equals_precomputed(distributed, tmp_path, tiny):
     common = tiny + ["--loss", "dpo", "--train-iters", "2", "--ref-cache-dir", str(tmp_path / "cache")]
     pre = run_training(distributed, 1, common)[0]
@@ -477,6 +541,10 @@ def torchrun_cli(nproc, args, timeout=300):
     (["--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
     (["--load", "/no/such/dir"], "--load /no/such/dir: no such directory"),
     (["--ref-load", "/tmp", "--loss", "slime"], "reference-free"),
+    (["--loss", "dpo,sft", "--loss-weights", "1"], "--loss-weights has 1 weight(s) for the 2 loss(es) of --loss dpo,sft"),
+    (["--loss", "sigmoid"], "TRL's 'sigmoid' is our 'dpo'"),
+    (["--loss", "bco_pair", "--f-divergence-type", "js_divergence"], "does not apply to --loss bco_pair"),
+    (["--loss", "exo_pair"], "needs --label-smoothing > 0"),
 ])
 def test_bad_input_is_one_line(args, message):
     out = run_cli(args + ["--no-progress-bar"], timeout=120)
