@@ -164,17 +164,31 @@ def default_transformer_impl() -> str:
     return "transformer_engine" if te_available() else "local"
 
 
+def leave_uninitialised(tensor: torch.Tensor) -> None:
+    """An init method that draws nothing: the tensor keeps its allocated memory."""
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                        use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True):
     """megatron-core's TransformerConfig for this architecture, layout and precision.
 
     ``perform_initialization=False`` skips drawing random weights, for models whose every
-    tensor is loaded next (checkpoints, conversion). ``use_cpu_initialization`` defaults to
-    True without a GPU (TP-invariant draws, and the only device there) and False with one.
+    tensor is loaded or drawn next (checkpoints, conversion, ``layout_invariant_init``).
+    megatron-core 0.16.1 marks a tensor-parallel weight (``tensor_model_parallel``,
+    ``partition_dim``, ``partition_stride``) only inside its initialisation functions, and
+    the gradient norm counts an unmarked parameter on TP rank 0 only. So the initialisation
+    path stays on, with init methods that draw nothing: every layer (local or Transformer
+    Engine spec) carries the attributes of an initialised build. ``use_cpu_initialization``
+    defaults to True without a GPU (TP-invariant draws, and the only device there) and False
+    with one.
     """
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    init_methods = {} if perform_initialization else dict(
+        init_method=leave_uninitialised, output_layer_init_method=leave_uninitialised,
+        embedding_init_method=leave_uninitialised)
 
     if model.swiglu:
         activation = F.silu
@@ -216,7 +230,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
         calculate_per_token_loss=True,
         # On CPU: TP-invariant initialisation (the full weight is drawn, then split).
         use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=perform_initialization,
+        perform_initialization=True,
+        **init_methods,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
