@@ -465,7 +465,7 @@ def train(run: RunConfig) -> dict:
 
     # --- The loop -----------------------------------------------------------------------------
     last_metrics: dict = {}
-    window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0}
+    window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0, "skipped": 0}
     while state.iteration < train_iters:
         start = time.time()
         packs = train_loader.next_global_batch()
@@ -473,13 +473,18 @@ def train(run: RunConfig) -> dict:
         references["train"].attach(micro)
         result = train_step(model_chunks, optimizer, micro, forward_step, names, state.iteration + 1,
                             run.skip_nonfinite_batches)
-        scheduler.step(increment=1)
+        if not result.skipped:  # as Megatron-LM: the schedule advances with successful updates only
+            scheduler.step(increment=1)
+        elif is_logging_rank():
+            logger.warning("step %d: non-finite loss or gradients: batch skipped, no update (--skip-nonfinite-batches)",
+                           state.iteration + 1)
         state.iteration += 1
         state.consumed_pairs = train_loader.consumed_pairs
         state.epoch = train_loader.epoch
         window["time"] += time.time() - start
         window["real_tokens"] += _global_sum(sum(p.num_real_tokens for p in packs))
         window["pack_tokens"] += _global_sum(sum(p.pack_length for p in packs))
+        window["skipped"] += int(result.skipped)
 
         if state.iteration % run.log.log_interval == 0 or state.iteration == train_iters:
             last_metrics = {name: value / max(result.num_pairs, 1) for name, value in result.metric_sums.items()}
@@ -489,10 +494,10 @@ def train(run: RunConfig) -> dict:
                 "tokens_per_sec": window["real_tokens"] / max(window["time"], 1e-9),
                 "packing_efficiency": window["real_tokens"] / max(window["pack_tokens"], 1),
                 "consumed_pairs": state.consumed_pairs,
-                "skipped": float(result.skipped),
+                "skipped": float(window["skipped"]),  # batches skipped since the last log line
             })
             metrics_logger.log(state.iteration, last_metrics)
-            window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0}
+            window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0, "skipped": 0}
         if run.log.eval_interval and state.iteration % run.log.eval_interval == 0 and state.iteration < train_iters:
             metrics_logger.log(state.iteration, run_evaluation(f"step {state.iteration}"), console=False)
         if run.checkpoint.save and run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:

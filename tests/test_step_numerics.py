@@ -203,3 +203,151 @@ def test_uninitialised_build_marks_parameters_as_an_initialised_one(distributed,
         assert ("output_layer.weight" in marked) == (not tied)
         assert uninitialised["decoder.layers.0.mlp.linear_fc1.weight"]["partition_stride"] == 2  # SwiGLU's [gate, up]
         assert not uninitialised["decoder.final_layernorm.weight"]["tensor_model_parallel"]  # replicated: counted once
+
+
+# ----------------------------------------------------------------------------------------------
+# --skip-nonfinite-batches
+# ----------------------------------------------------------------------------------------------
+POISONED_STEP = 2
+SKIP_FLAGS = ["--loss", "sft", "--train-iters", "3", "--log-interval", "1"]
+
+
+def _state(model_chunks, optimizer) -> dict:
+    """This rank's weights and optimizer state (Adam moments, step counts, main parameters)."""
+    state = {f"weight/{i}/{name}": p.detach().clone().numpy()
+             for i, chunk in enumerate(model_chunks) for name, p in unwrap_model(chunk).named_parameters()}
+    for i, sub in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
+        params = [p for group in sub.optimizer.param_groups for p in group["params"]]
+        for j, param in enumerate(params):
+            state[f"main/{i}/{j}"] = param.detach().clone().numpy()
+            for key, value in sub.optimizer.state.get(param, {}).items():
+                state[f"adam/{i}/{j}/{key}"] = torch.as_tensor(value).detach().clone().numpy()
+    return state
+
+
+def _train_with_a_nonfinite_gradient(argv, poisoned_rank, poisoned_param, legacy_step=False):
+    """train(argv) with one inf in the gradient of ``poisoned_param`` on ``poisoned_rank`` at
+    step 2 (the loss stays finite); returns this rank's state before and after that step, after step 3, the LR
+    scheduler's step count, and the error if the run stopped.
+
+    ``legacy_step``: the negative control, megatron-core's ``optimizer.step()`` as train_step
+    called it before the fix (the norm checked after the update)."""
+    import os
+
+    from megatron_pref import engine, training
+
+    rank = int(os.environ["RANK"])
+    record, schedulers = {}, []
+    build_scheduler, train_step = training.build_scheduler, training.train_step
+
+    def keep_scheduler(*args, **kwargs):
+        schedulers.append(build_scheduler(*args, **kwargs))
+        return schedulers[-1]
+
+    def poisoned_train_step(model_chunks, optimizer, micro, forward_step, names, iteration, skip):
+        handles = []
+        if iteration == POISONED_STEP:
+            record["before"] = _state(model_chunks, optimizer)
+            if rank == poisoned_rank:
+                param = dict(unwrap_model(model_chunks[-1]).named_parameters())[poisoned_param]
+                handles.append(param.register_hook(lambda grad: grad.index_put((torch.tensor([0]),),
+                                                                               torch.tensor(float("inf")))))
+        try:
+            result = train_step(model_chunks, optimizer, micro, forward_step, names, iteration, skip)
+        except engine.NonFiniteLoss as exc:
+            record["error"], record["after"] = str(exc), _state(model_chunks, optimizer)
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+        record[{POISONED_STEP: "after"}.get(iteration, f"step{iteration}")] = _state(model_chunks, optimizer)
+        record.setdefault("skipped", {})[iteration] = result.skipped
+        return result
+
+    training.build_scheduler, training.train_step = keep_scheduler, poisoned_train_step
+    if legacy_step:
+        def step(optimizer):
+            update_successful, grad_norm, _ = optimizer.step()
+            return update_successful, grad_norm
+
+        engine.step_if_finite = step
+    try:
+        training.train(parse_run_config(argv))
+    except engine.NonFiniteLoss:
+        pass
+    record["scheduler_steps"] = schedulers[0].num_steps
+    return record
+
+
+def _bit_identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # NaN != NaN
+
+
+EMBEDDING, FINAL_NORM = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight"
+
+
+@pytest.mark.parametrize("poisoned_rank,poisoned_param,extra", [
+    pytest.param(1, EMBEDDING, [], id="dp2-rank1"),
+    pytest.param(1, EMBEDDING, ["--use-distributed-optimizer"], id="dp2-distributed-optimizer-rank1"),
+    pytest.param(0, EMBEDDING, ["--pipeline-model-parallel-size", "2"], id="pp2-first-stage"),
+    # A replicated weight's copy on TP rank 1: the gradient norm leaves it out as a duplicate.
+    pytest.param(1, FINAL_NORM, ["--tensor-model-parallel-size", "2"], id="tp2-rank1-replicated-norm"),
+])
+def test_nonfinite_gradient_on_one_rank_skips_the_update_everywhere(distributed, tmp_path, flags, poisoned_rank,
+                                                                    poisoned_param, extra):
+    """An inf in one gradient of one rank at step 2 (finite loss): with --skip-nonfinite-batches
+    no rank changes a weight or an Adam moment, the LR schedule does not advance, the batch is
+    logged as skipped, and step 3 trains again."""
+    metrics = tmp_path / "metrics.jsonl"
+    argv = flags + SKIP_FLAGS + extra + ["--skip-nonfinite-batches", "--metrics-file", str(metrics)]
+    ranks = distributed(_train_with_a_nonfinite_gradient, 2, ParallelConfig(), argv, poisoned_rank, poisoned_param,
+                        init_parallel=False)
+    for rank in ranks:
+        assert rank["skipped"] == {1: False, 2: True, 3: False}
+        assert any(k.startswith("adam/") for k in rank["before"])  # moments exist after step 1
+        assert _bit_identical(rank["after"], rank["before"])
+        assert rank["scheduler_steps"] == 2  # steps 1 and 3
+        moved = [k for k in rank["after"] if not np.array_equal(rank["step3"][k], rank["after"][k])]
+        assert moved and all(np.isfinite(v).all() for v in rank["step3"].values())
+    logged = [json.loads(line) for line in metrics.read_text().splitlines() if '"skipped"' in line]
+    assert [(s["iteration"], s["skipped"]) for s in logged] == [(1, 0.0), (2, 1.0), (3, 0.0)]
+    # The norm sees the inf, except in a duplicate copy (the norm counts TP rank 0's copy only).
+    assert math.isfinite(logged[1]["grad_norm"]) == (poisoned_param == FINAL_NORM)
+
+
+def test_nonfinite_gradient_was_applied_by_the_old_step(distributed, flags):
+    """Negative control: megatron-core's optimizer.step() (fp32, no grad scaler) applies the
+    inf gradient: the weights change (to NaN) on every rank."""
+    argv = flags + SKIP_FLAGS + ["--skip-nonfinite-batches"]
+    for rank in distributed(_train_with_a_nonfinite_gradient, 2, ParallelConfig(), argv, 1, EMBEDDING, True,
+                            init_parallel=False):
+        assert not _bit_identical(rank["after"], rank["before"])
+        assert any(np.isnan(v).any() for k, v in rank["after"].items() if k.startswith("weight/"))
+
+
+def test_nonfinite_gradient_without_the_flag_stops_naming_the_step(distributed, flags):
+    """Without --skip-nonfinite-batches every rank stops at step 2, naming it, before any update."""
+    for rank in distributed(_train_with_a_nonfinite_gradient, 2, ParallelConfig(), flags + SKIP_FLAGS, 1, EMBEDDING,
+                            init_parallel=False):
+        assert "non-finite gradients at step 2 (gradient norm inf" in rank["error"]
+        assert _bit_identical(rank["after"], rank["before"])
+        assert "step3" not in rank
+
+
+def _train_with_megatron_core_step(argv, legacy_step):
+    """train(argv), stepping through step_if_finite or megatron-core's optimizer.step()."""
+    from megatron_pref import engine, training
+
+    if legacy_step:
+        engine.step_if_finite = lambda optimizer: optimizer.step()[:2]
+    return training.train(parse_run_config(argv))["weights_sha256"]
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_finite_steps_equal_megatron_core_step(distributed, flags, optimizer):
+    """With finite gradients the split step is megatron-core's optimizer.step(): 3 clipped steps
+    at DP2 end with bit-identical weights."""
+    argv = flags + STEP_FLAGS + OPTIMIZERS[optimizer]
+    split = distributed(_train_with_megatron_core_step, 2, ParallelConfig(), argv, False, init_parallel=False)
+    whole = distributed(_train_with_megatron_core_step, 2, ParallelConfig(), argv, True, init_parallel=False)
+    assert split == whole
