@@ -24,7 +24,8 @@ from megatron_pref.checkpointing import (CheckpointError, TrainState, check_opti
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
                                   global_pair_counts, metric_sums_over_data_parallel, synchronize_params, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
-from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
+from megatron_pref.model import (default_transformer_impl, layout_invariant_init, local_norms_support_sequence_parallel,
+                                 unwrap_model)
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
                                      compute_reference_table, load_cached_table, save_cached_table)
 from megatron_pref.step import MicroBatch, logps_forward_step, preference_forward_step
@@ -363,6 +364,11 @@ def train(run: RunConfig) -> dict:
         run.parallel.validate_for(architecture, world_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if (run.parallel.sequence_parallel and run.precision.transformer_impl == "local"
+            and not local_norms_support_sequence_parallel(architecture.normalization)):
+        raise ConfigError("--sequence-parallel needs Transformer Engine layers, or apex and --normalization LayerNorm: "
+                          f"the local spec's {architecture.normalization} here is torch's, which megatron-core refuses "
+                          "to split over the sequence")
     if architecture.position_embedding_type == "learned_absolute" and run.data.seq_length > architecture.max_position_embeddings:
         raise ConfigError(f"--seq-length {run.data.seq_length} exceeds the model's {architecture.max_position_embeddings} "
                           "learned positions (--max-position-embeddings): lower --seq-length")

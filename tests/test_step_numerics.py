@@ -91,8 +91,8 @@ def _sharded_weights(model_chunks) -> list:
 def _train_and_collect(argv, unmarked_build=False):
     """train(argv) on this rank; returns this rank's slices of the final weights.
 
-    ``unmarked_build``: the negative control, megatron-core's layers built with initialisation
-    off, as train() built them before the fix (no tensor-parallel attributes)."""
+    ``unmarked_build``: the negative control, the model built as before the fix (initialisation
+    off, tensor-parallel weights left unmarked)."""
     from megatron_pref import model, training
 
     captured = {}
@@ -104,14 +104,7 @@ def _train_and_collect(argv, unmarked_build=False):
 
     training.weights_digest = capture
     if unmarked_build:
-        config = model.transformer_config
-
-        def unmarked(*args, perform_initialization=True, **kwargs):
-            built = config(*args, perform_initialization=perform_initialization, **kwargs)
-            built.perform_initialization = perform_initialization
-            return built
-
-        model.transformer_config = unmarked
+        model.mark_tensor_parallel_weights = lambda gpt: None
     training.train(parse_run_config(argv))
     return _sharded_weights(captured["chunks"])
 
@@ -169,8 +162,8 @@ def test_grad_norm_and_clipped_weights_match_one_rank(distributed, tmp_path, fla
 
 
 def test_unmarked_tensor_parallel_weights_give_another_norm(distributed, tmp_path, flags, single_rank):
-    """Negative control: built the old way (initialisation off, no tensor-parallel attributes),
-    TP rank 1's shards leave the norm; clipping then scales by the wrong norm."""
+    """Negative control: built as before (initialisation off, weights unmarked), TP rank 1's
+    shards leave the norm, and clipping scales by the wrong norm."""
     want_norms, want_weights = single_rank
     norms, weights = _run(distributed, 2, flags + STEP_FLAGS + LAYOUTS["tp2"][1], tmp_path / "metrics.jsonl",
                           unmarked_build=True)
@@ -351,3 +344,28 @@ def test_finite_steps_equal_megatron_core_step(distributed, flags, optimizer):
     split = distributed(_train_with_megatron_core_step, 2, ParallelConfig(), argv, False, init_parallel=False)
     whole = distributed(_train_with_megatron_core_step, 2, ParallelConfig(), argv, True, init_parallel=False)
     assert split == whole
+
+
+@pytest.mark.parametrize("normalization", ["RMSNorm", "LayerNorm"])
+def test_sequence_parallel_with_torch_norms_is_one_line(flags, monkeypatch, normalization):
+    """--sequence-parallel on the local spec without apex (CPU here): megatron-core's torch norms
+    assert deep in the model build; train() refuses it first, before any process group."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from megatron_pref.arguments import ConfigError
+    from megatron_pref.training import train
+
+    if normalization == "LayerNorm" and gpt_layer_specs.HAVE_APEX:
+        pytest.skip("apex's fused LayerNorm supports --sequence-parallel")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = flags + STEP_FLAGS + LAYOUTS["tp2"][1] + ["--sequence-parallel", "--normalization", normalization,
+                                                     "--transformer-impl", "local"]
+    try:
+        with pytest.raises(ConfigError, match=f"--sequence-parallel needs Transformer Engine layers.*local spec's {normalization}"):
+            train(parse_run_config(argv))
+        assert not torch.distributed.is_initialized()
+    finally:  # a failing run may have got as far as the process groups: leave none behind
+        if torch.distributed.is_initialized():
+            from megatron_pref import parallel
+
+            parallel.destroy()
