@@ -219,9 +219,9 @@ def _state(model_chunks, optimizer) -> dict:
 
 
 def _train_with_a_nonfinite_gradient(argv, poisoned_rank, poisoned_param, legacy_step=False):
-    """train(argv) with one inf in the gradient of ``poisoned_param`` on ``poisoned_rank`` at
-    step 2 (the loss stays finite); returns this rank's state before and after that step, after step 3, the LR
-    scheduler's step count, and the error if the run stopped.
+    """train(argv) with inf in the first row of ``poisoned_param``'s gradient on ``poisoned_rank``
+    at step 2 (the loss stays finite); returns this rank's state before and after that step and
+    after step 3, the LR scheduler's step count, and the error if the run stopped.
 
     ``legacy_step``: the negative control, megatron-core's ``optimizer.step()`` as train_step
     called it before the fix (the norm checked after the update)."""
@@ -288,7 +288,7 @@ EMBEDDING, FINAL_NORM = "embedding.word_embeddings.weight", "decoder.final_layer
 ])
 def test_nonfinite_gradient_on_one_rank_skips_the_update_everywhere(distributed, tmp_path, flags, poisoned_rank,
                                                                     poisoned_param, extra):
-    """An inf in one gradient of one rank at step 2 (finite loss): with --skip-nonfinite-batches
+    """An inf in a gradient on one rank at step 2 (finite loss): with --skip-nonfinite-batches
     no rank changes a weight or an Adam moment, the LR schedule does not advance, the batch is
     logged as skipped, and step 3 trains again."""
     metrics = tmp_path / "metrics.jsonl"
