@@ -312,9 +312,65 @@ def attach_token_normalisers(micro_batches: Sequence) -> int:
     return pairs
 
 
+def nonfinite_gradients(optimizer) -> bool:
+    """True on every rank when any rank's optimizer holds a non-finite gradient.
+
+    megatron-core's found-inf check (``MixedPrecisionOptimizer._unscale_main_grads_and_check_for_nan``:
+    the fused non-finite check, here with an unscale by 1) for every optimizer, grad scaler or
+    not, all-reduced over all ranks. Every gradient counts, including the copies of replicated
+    weights on TP ranks > 0 that the gradient norm leaves out as duplicates.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    found, one = torch.zeros(1, dtype=torch.float, device=device), torch.ones(1, dtype=torch.float, device=device)
+    grads_by_dtype: dict = {}
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(sub, "is_stub_optimizer", False):
+            continue
+        decoupled = sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+        for param in sub.get_parameters():
+            grad = getattr(param, "decoupled_grad", None) if decoupled else param.grad
+            if grad is not None:
+                grads_by_dtype.setdefault(grad.dtype, []).append(grad)
+    for grads in grads_by_dtype.values():  # the fused kernel wants one dtype per call
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+    if dist.is_initialized():
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+    return bool(found.item() > 0)
+
+
+def step_if_finite(optimizer) -> tuple[bool, float]:
+    """megatron-core's ``optimizer.step()``, applied on no rank when any gradient is non-finite.
+
+    Returns (update applied, global gradient norm before clipping). megatron-core checks for
+    inf/NaN only with a grad scaler (fp16, or a constant loss scale); in fp32 and bf16 its
+    ``step()`` applies NaN gradients. So the step is taken apart as ``MegatronOptimizer.step()``
+    and ``ChainedOptimizer.step()`` take it apart (prepare the gradients, one global norm, clip
+    with that norm, step), and the check decides before anything is applied. A norm that
+    overflows (finite gradients, sum of squares past fp32) skips too.
+    """
+    from megatron.core.optimizer import optimizer as mcore_optimizer  # its clip (cpu.py may patch it)
+
+    found_inf = optimizer.prepare_grads()  # the grad scaler's own check, where there is one
+    found_inf = nonfinite_gradients(optimizer) or found_inf
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not math.isfinite(grad_norm):
+        return False, grad_norm
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(sub, "is_stub_optimizer", False) else sub.get_parameters()
+        if params and sub.config.clip_grad > 0.0:
+            mcore_optimizer.clip_grad_by_total_norm_fp32(
+                params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads(), grad_norm
+
+
 def train_step(model_chunks: list, optimizer, micro_batches: Sequence, forward_step: Callable,
                metric_names: Sequence[str], iteration: int, skip_nonfinite: bool = False) -> StepResult:
-    """Forward + backward of one global batch through the schedule, then the optimizer step."""
+    """Forward + backward of one global batch through the schedule, then the optimizer step.
+
+    A non-finite loss or gradient anywhere leaves every rank's weights and optimizer state as
+    they were: the batch is skipped (``skip_nonfinite``) or the run stops naming the step.
+    """
     pairs = attach_token_normalisers(micro_batches)
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
@@ -329,10 +385,10 @@ def train_step(model_chunks: list, optimizer, micro_batches: Sequence, forward_s
                                 + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()))
         optimizer.zero_grad()
         return StepResult(sums, pairs, None, skipped=True)
-    update_successful, grad_norm, _ = optimizer.step()
-    if grad_norm is not None and not math.isfinite(grad_norm):
-        if not skip_nonfinite:
-            raise NonFiniteLoss(f"non-finite gradient norm at step {iteration} (loss {loss:.4g})")
+    update_successful, grad_norm = step_if_finite(optimizer)
+    if not update_successful and not skip_nonfinite:
+        raise NonFiniteLoss(f"non-finite gradients at step {iteration} (gradient norm {grad_norm:.4g}, loss "
+                            f"{loss:.4g}); no update was applied (--skip-nonfinite-batches skips such batches)")
     return StepResult(sums, pairs, grad_norm, skipped=not update_successful)
 
 

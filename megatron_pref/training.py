@@ -27,7 +27,8 @@ from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint,
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
                                   attach_token_normalisers, metric_sums_over_data_parallel, synchronize_params, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
-from megatron_pref.model import default_transformer_impl, layout_invariant_init, unwrap_model
+from megatron_pref.model import (default_transformer_impl, layout_invariant_init, local_norms_support_sequence_parallel,
+                                 unwrap_model)
 from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
                                      compute_reference_table, load_cached_table, save_cached_table)
 from megatron_pref.losses import bco_running_mean_update
@@ -396,6 +397,11 @@ def train(run: RunConfig) -> dict:
         run.parallel.validate_for(architecture, world_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if (run.parallel.sequence_parallel and run.precision.transformer_impl == "local"
+            and not local_norms_support_sequence_parallel(architecture.normalization)):
+        raise ConfigError("--sequence-parallel needs Transformer Engine layers, or apex and --normalization LayerNorm: "
+                          f"the local spec's {architecture.normalization} here is torch's, which megatron-core refuses "
+                          "to split over the sequence")
     if architecture.position_embedding_type == "learned_absolute" and run.data.seq_length > architecture.max_position_embeddings:
         raise ConfigError(f"--seq-length {run.data.seq_length} exceeds the model's {architecture.max_position_embeddings} "
                           "learned positions (--max-position-embeddings): lower --seq-length")
@@ -504,7 +510,7 @@ def train(run: RunConfig) -> dict:
 
     # --- The loop -----------------------------------------------------------------------------
     last_metrics: dict = {}
-    window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0}
+    window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0, "skipped": 0}
     while state.iteration < train_iters:
         start = time.time()
         packs = train_loader.next_global_batch()
@@ -512,7 +518,11 @@ def train(run: RunConfig) -> dict:
         references["train"].attach(micro)
         result = train_step(model_chunks, optimizer, micro, forward_step, names, state.iteration + 1,
                             run.skip_nonfinite_batches)
-        scheduler.step(increment=1)
+        if not result.skipped:  # as Megatron-LM: the schedule advances with successful updates only
+            scheduler.step(increment=1)
+        elif is_logging_rank():
+            logger.warning("step %d: non-finite loss or gradients: batch skipped, no update (--skip-nonfinite-batches)",
+                           state.iteration + 1)
         if run.loss_config.bco_running_mean and not result.skipped:
             bco_running_mean_update(state.loss_state, result.metric_sums, result.num_pairs)
         state.iteration += 1
@@ -521,6 +531,7 @@ def train(run: RunConfig) -> dict:
         window["time"] += time.time() - start
         window["real_tokens"] += _global_sum(sum(p.num_real_tokens for p in packs))
         window["pack_tokens"] += _global_sum(sum(p.pack_length for p in packs))
+        window["skipped"] += int(result.skipped)
 
         if state.iteration % run.log.log_interval == 0 or state.iteration == train_iters:
             last_metrics = {name: value / max(result.num_pairs, 1) for name, value in result.metric_sums.items()}
@@ -530,10 +541,10 @@ def train(run: RunConfig) -> dict:
                 "tokens_per_sec": window["real_tokens"] / max(window["time"], 1e-9),
                 "packing_efficiency": window["real_tokens"] / max(window["pack_tokens"], 1),
                 "consumed_pairs": state.consumed_pairs,
-                "skipped": float(result.skipped),
+                "skipped": float(window["skipped"]),  # batches skipped since the last log line
             })
             metrics_logger.log(state.iteration, last_metrics)
-            window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0}
+            window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0, "skipped": 0}
         if run.log.eval_interval and state.iteration % run.log.eval_interval == 0 and state.iteration < train_iters:
             metrics_logger.log(state.iteration, run_evaluation(f"step {state.iteration}"), console=False)
         if run.checkpoint.save and run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:

@@ -373,3 +373,34 @@ def test_benchmark_tiny_on_gpu(gpu_env, tmp_path):
     record("benchmark_tiny_gpu", configs={r["name"]: r.get("status") for r in result["configs"]})
     assert code == 0, [r for r in result["configs"] if r.get("status") != "ok"]
     assert {r["name"] for r in result["configs"] if r["status"] == "ok"} == {"packed", "packed-fp8", "padded", "hf"}
+
+
+def _parallel_attributes(gpt) -> dict:
+    names = ("tensor_model_parallel", "partition_dim", "partition_stride", "sequence_parallel", "shared", "allreduce")
+    return {name: {a: getattr(p, a, None) for a in names} for name, p in gpt.named_parameters()}
+
+
+def test_te_spec_uninitialised_build_marks_parameters_as_an_initialised_one(gpu_env, monkeypatch):
+    """train() builds with perform_initialization=False (issue 11). Every parameter of the TE-spec
+    model carries the tensor-parallel attributes of an initialised build: TE's layers mark
+    their weights themselves, megatron-core's embedding and output layer only when initialised
+    (or by model.mark_tensor_parallel_weights). An unmarked weight is counted in the gradient
+    norm on TP rank 0 only. One rank here (the harness has one GPU): the attributes are set at
+    any TP size; the CPU tests check the norm itself at TP 2."""
+    from megatron_pref import model
+    from megatron_pref.model import ParallelConfig, build_gpt_model
+
+    cfg, prec = tiny_model_config(), precision("transformer_engine")
+    uninitialised = _parallel_attributes(build_gpt_model(cfg, ParallelConfig(), prec, perform_initialization=False))
+    initialised = _parallel_attributes(build_gpt_model(cfg, ParallelConfig(), prec, perform_initialization=True))
+    marked = sorted(name for name, attrs in uninitialised.items() if attrs["tensor_model_parallel"])
+    record("te_spec_parallel_attributes", marked=marked)
+    assert uninitialised == initialised
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight", "decoder.layers.0.self_attention.linear_qkv.weight",
+                 "decoder.layers.0.self_attention.linear_proj.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+                 "decoder.layers.0.mlp.linear_fc2.weight"):
+        assert name in marked, name
+    # Negative control: without the marking, megatron-core leaves its own layers unmarked.
+    monkeypatch.setattr(model, "mark_tensor_parallel_weights", lambda gpt: None)
+    unmarked = _parallel_attributes(build_gpt_model(cfg, ParallelConfig(), prec, perform_initialization=False))
+    assert not unmarked["embedding.word_embeddings.weight"]["tensor_model_parallel"]
