@@ -89,12 +89,12 @@ def test_step_zero_identity_breaks_with_another_reference(distributed, tmp_path,
     argv = tiny + ["--loss", "dpo", "--train-iters", "1", "--ref-cache-dir", str(tmp_path / "cache")]
     from megatron_pref import training
 
-    original = training._reference_source
+    original = training.reference_source
     try:
-        training._reference_source = lambda run, resumed: {"kind": "init", "seed": run.seed + 1}
+        training.reference_source = lambda run, saved_state: {"kind": "init", "seed": run.seed + 1}
         result = run_training(distributed, 1, argv)[0]
     finally:
-        training._reference_source = original
+        training.reference_source = original
     # Tiny random models give log-probs near uniform: the gap is small but far above 1e-6.
     assert abs(result["eval_before"]["eval/loss"] - math.log(2)) > 1e-4
 
