@@ -213,8 +213,8 @@ def test_resume_schedule_flags_and_allowed_changes(distributed, tmp_path, tiny, 
                "--no-load-rng", "--ref-logprobs", "online", "--eval-iters", "2"]
     run_training(distributed, 1, common + allowed + ["--override-opt_param-scheduler",
                                                      "--metrics-file", str(tmp_path / "o.jsonl")])
-    run_training(distributed, 1, common + ["--use-checkpoint-opt_param-scheduler",
-                                           "--metrics-file", str(tmp_path / "c.jsonl")])
+    run_training(distributed, 1, common + ["--use-checkpoint-opt_param-scheduler", "--metrics-file",
+                                           str(tmp_path / "c.jsonl"), "--ref-cache-dir", str(tmp_path / "cache")])
 
     def lrs(name):
         return {d["iteration"]: d["lr"] for d in map(json.loads, (tmp_path / name).read_text().splitlines())
@@ -248,7 +248,7 @@ def test_finetune_starts_a_new_run_from_the_weights(distributed, tmp_path, tiny,
 def test_exit_interval_saves(distributed, tmp_path, tiny):
     """--exit-interval 2 with --save-interval 3 saves at step 2 (Megatron-LM does), and the
     resume ends where the uninterrupted run does."""
-    common = tiny + COMMON + ["--train-iters", "4", "--save-interval", "3"]
+    common = tiny + COMMON + ["--train-iters", "4", "--save-interval", "3", "--ref-cache-dir", str(tmp_path / "cache")]
     whole = run_training(distributed, 1, common)[0]
     ckpt = str(tmp_path / "ckpt")
     stopped = run_training(distributed, 1, common + ["--save", ckpt, "--exit-interval", "2"])[0]
@@ -265,7 +265,7 @@ def _train_with_sigterm_on_rank_1(argv):
     original = training.train_step
 
     def step(*args, **kwargs):
-        if os.environ["RANK"] == "1" and args[4] == 2:
+        if os.environ["RANK"] == "1" and args[5] == 2:  # train_step(..., step, ...)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
@@ -280,7 +280,8 @@ def test_signal_on_one_rank_stops_every_rank_after_the_same_step(distributed, tm
     assert [r["iteration"] for r in results] == [2, 2]
     assert [r["stopped_by"] for r in results] == ["SIGTERM, --exit-signal-handler"] * 2
     assert (ckpt / "latest").read_text().strip() == "iter_0000002"
-    timed = run_training(distributed, 2, tiny + COMMON + ["--train-iters", "6", "--exit-duration-in-mins", "1e-9"])
+    timed = run_training(distributed, 2, tiny + COMMON + ["--train-iters", "6", "--exit-duration-in-mins", "1e-9",
+                                                           "--ref-cache-dir", str(tmp_path / "cache")])
     assert [r["iteration"] for r in timed] == [1, 1] and timed[0]["stopped_by"] == "--exit-duration-in-mins"
 
 
@@ -291,7 +292,7 @@ def test_sigterm_to_torchrun_saves_and_resumes(distributed, tmp_path, tiny):
     same signal leaves no checkpoint."""
     # A constant lr over a fixed decay length: the schedule does not depend on --train-iters.
     flags = tiny + ["--loss", "dpo", "--eval-interval", "1000", "--lr-decay-style", "constant",
-                    "--lr-decay-iters", "1000"]
+                    "--lr-decay-iters", "1000", "--ref-cache-dir", str(tmp_path / "cache")]
 
     def interrupted(name, extra):
         ckpt, metrics = tmp_path / name, tmp_path / f"{name}.jsonl"
@@ -310,7 +311,8 @@ def test_sigterm_to_torchrun_saves_and_resumes(distributed, tmp_path, tiny):
         return ckpt, metrics, output
 
     ckpt, metrics, output = interrupted("run", ["--exit-signal-handler"])
-    assert "exiting after step" in output and "Traceback" not in output, output[-3000:]
+    # torchrun's agent reports the signal with a traceback of its own; the workers print none.
+    assert "exiting after step" in output and "megatron_pref/" not in output, output[-3000:]
     step = int((ckpt / "latest").read_text().strip().removeprefix("iter_"))
     assert 1 <= step < 200
     resumed = run_training(distributed, 2, flags + ["--train-iters", str(step + 2), "--load", str(ckpt),
