@@ -236,7 +236,7 @@ def _check_reference_available(run: RunConfig, source: Optional[dict], model_cfg
         return
     if run.reference.ref_logprobs == "online":
         raise CheckpointError(f"{problem}; --ref-logprobs online needs its weights")
-    cache_root, keys = _reference_cache(run, source, model_cfg, data, ["train"] + (["valid"] if data.valid else []))
+    cache_root, keys = _reference_cache(run, source, model_cfg, data, ["train"] + (["valid"] if data.valid is not None else []))
     for split, key in keys.items():
         try:
             stored = json.loads((cache_root / split / KEY_FILE).read_text())

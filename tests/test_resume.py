@@ -239,7 +239,9 @@ def test_finetune_starts_a_new_run_from_the_weights(distributed, tmp_path, tiny,
 
     reference = read_train_state(out)["reference_source"]
     assert reference["path"] == os.path.abspath(saved) and reference["iteration"] == "iter_0000002"
-    with pytest.raises(CheckpointError, match="would overwrite iter_0000002, this run's reference"):
+    from megatron_pref.arguments import ConfigError
+
+    with pytest.raises(ConfigError, match="would overwrite iter_0000002, this run's reference"):
         _train(tiny + COMMON + ["--train-iters", "2", "--load", saved, "--finetune", "--save", saved])
 
 

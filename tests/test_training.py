@@ -205,7 +205,8 @@ def test_weights_loaded_without_optimizer_state_survive_the_first_step(distribut
     saved = run_training(distributed, 1, common + ["--train-iters", "4", "--save", str(tmp_path / "ckpt"),
                                                    "--save-interval", "2", "--exit-interval", "2"])[0]
     reloaded = run_training(distributed, 1, common + ["--train-iters", "3", "--load", str(tmp_path / "ckpt"),
-                                                      "--no-load-optim", "--lr", "0", "--lr-warmup-iters", "0"])[0]
+                                                      "--no-load-optim", "--lr", "0", "--lr-warmup-iters", "0",
+                                                      "--override-opt_param-scheduler"])[0]
     assert reloaded["weights_sha256"] == saved["weights_sha256"]
 
 
