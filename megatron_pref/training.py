@@ -529,7 +529,8 @@ def train(run: RunConfig) -> dict:
             if run.checkpoint.save and run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
                 _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data)
                 saved_at = state.iteration
-            stop = exit_conditions.check(state.iteration) if state.iteration < train_iters else None
+            # Also at the last step, as Megatron-LM: an exit skips the final evaluation.
+            stop = exit_conditions.check(state.iteration)
     finally:
         exit_conditions.close()
 
