@@ -86,6 +86,11 @@ class CheckpointConfig:
     no_load_optim: bool = False
     optim_fully_reshardable: bool = False  # --dist-ckpt-optim-fully-reshardable
     no_load_rng: bool = False
+    finetune: bool = False  # --load's weights only: iteration 0, fresh optimizer and schedule
+    override_opt_param_scheduler: bool = False  # on resume: this run's schedule flags win
+    use_checkpoint_opt_param_scheduler: bool = False  # on resume: the checkpoint's schedule wins
+    exit_signal_handler: bool = False  # SIGTERM: finish the step, save, exit 0
+    exit_duration_in_mins: Optional[float] = None
 
 
 @dataclass
@@ -246,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the distributed optimizer's state so it loads at any TP/PP/DP layout "
                         "(gathered per parameter); default: loads at another DP size only")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load --load's weights only: start at iteration 0 with a fresh optimizer, schedule and "
+                        "data order; the reference is that checkpoint")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, take the lr schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters or "
+                        "--train-iters, --lr-decay-style, --weight-decay) from the flags, not the checkpoint")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's lr schedule whatever the flags say")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM, finish the current step, save a checkpoint and exit 0")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit after the step during which this many minutes of training have passed")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=None)
     g.add_argument("--log-interval", type=int, default=EvalLogConfig.log_interval)
@@ -317,6 +334,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, name)
         _check(value is None or (math.isfinite(value) and value >= 0), f"{_flag(name)} must be a finite number >= 0, got {value}")
     _check(args.train_epochs is None or args.train_epochs > 0, "--train-epochs must be > 0")
+    _check(args.exit_duration_in_mins is None or (math.isfinite(args.exit_duration_in_mins) and args.exit_duration_in_mins > 0),
+           f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    _check(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+           "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
+    _check(not args.finetune or args.load, "--finetune needs --load (the checkpoint whose weights it starts from)")
+    for name in ("override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler"):
+        _check(not (args.finetune and getattr(args, name)),
+               f"{_flag(name).replace('-opt-param-', '-opt_param-')} has no effect with --finetune (it starts a fresh "
+               "schedule from the flags)")
     _check(args.train_iters is None or args.train_epochs is None, "give --train-iters or --train-epochs, not both")
     _check(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
     # numpy's and torch's generators take seeds in [0, 2**32).
@@ -406,7 +432,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather),
         checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
                                     exit_interval=args.exit_interval, no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng,
-                                    optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable),
+                                    optim_fully_reshardable=args.dist_ckpt_optim_fully_reshardable,
+                                    finetune=args.finetune, override_opt_param_scheduler=args.override_opt_param_scheduler,
+                                    use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+                                    exit_signal_handler=args.exit_signal_handler,
+                                    exit_duration_in_mins=args.exit_duration_in_mins),
         log=EvalLogConfig(log_interval=args.log_interval,
                           eval_interval=args.eval_interval,
                           eval_iters=args.eval_iters, tensorboard_dir=args.tensorboard_dir,

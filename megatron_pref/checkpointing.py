@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_pref.atomic import write_json_atomic, write_text_atomic
-from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, TOKENIZER_DIR,
-                                                 copy_tokenizer, iteration_name, load_sharded, read_checkpoint_metadata)
+from megatron_pref.convert.checkpoint_io import (CHECKPOINT_ID_KEY, CONFIG_FILE, FORMAT_VERSION, LATEST_FILE,
+                                                 TOKENIZER_DIR, copy_tokenizer, iteration_name, load_sharded,
+                                                 new_checkpoint_id, read_checkpoint_id, read_checkpoint_metadata)
 from megatron_pref.convert.checkpoint_io import read_model_config as _stored_model_config
 from megatron_pref.convert.errors import ConversionError, read_json_object
 from megatron_pref.model import ModelConfig, unwrap_model
@@ -48,8 +49,9 @@ class TrainState:
     iteration: int = 0
     consumed_pairs: int = 0
     epoch: int = 0
-    # Where the run's reference weights come from (a checkpoint, or the seeded initial
-    # policy); saved inside the checkpoint so a resumed run keeps the same reference.
+    # Where the run's reference weights come from: a checkpoint pinned to one iteration
+    # directory and its id (see pin_checkpoint), or the seeded initial policy. Saved inside the
+    # checkpoint so a resumed run keeps the same reference.
     reference_source: Optional[dict] = None
     # State a loss keeps across steps (bco_pair's running mean reward), saved and restored as is.
     loss_state: dict = field(default_factory=dict)
@@ -266,8 +268,12 @@ def _bucket_size(model_chunks: list) -> Optional[int]:
 
 def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: TrainState,
                     model_cfg: ModelConfig, tokenizer_dir: Optional[str] = None,
-                    run_metadata: Optional[dict] = None, optim_fully_reshardable: bool = False) -> Path:
-    """Save everything needed to resume. Collective over all ranks."""
+                    run_metadata: Optional[dict] = None, optim_fully_reshardable: bool = False,
+                    run_record: Optional[dict] = None) -> Path:
+    """Save everything needed to resume. Collective over all ranks.
+
+    ``run_record``: the settings a resume must keep (megatron_pref.resume), stored in the train
+    state, which is readable before any process group (read_train_state)."""
     from megatron.core import dist_checkpointing
 
     save_dir = Path(save_dir)
@@ -288,7 +294,9 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
         "iteration": state.iteration, "consumed_pairs": state.consumed_pairs, "epoch": state.epoch,
         "reference_source": state.reference_source, "loss_state": dict(state.loss_state),
         "scheduler": scheduler.state_dict(), "layout": _layout(), "optimizer_format": fmt,
+        "run": run_record,
     }
+    checkpoint_id = sharded[CHECKPOINT_ID_KEY] = new_checkpoint_id()
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
     if _rank() == 0:
@@ -298,12 +306,15 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
         metadata = {"model": model_cfg.to_dict(), "format_version": FORMAT_VERSION,
                     "source": {"training": run_metadata or {}}}
         config_path = save_dir / CONFIG_FILE
-        if config_path.is_file():  # keep the conversion's provenance
+        checkpoints = {}
+        if config_path.is_file():  # keep the conversion's provenance and the other iterations' ids
             try:
-                metadata["source"] = {**read_checkpoint_metadata(save_dir).get("source", {}),
-                                      **metadata["source"]}
+                previous = read_checkpoint_metadata(save_dir)
+                metadata["source"] = {**previous.get("source", {}), **metadata["source"]}
+                checkpoints = dict(previous.get("checkpoints") or {})
             except ValueError:
                 pass
+        metadata["checkpoints"] = {**checkpoints, final.name: checkpoint_id}
         write_json_atomic(config_path, metadata)
         if tokenizer_dir and not (save_dir / TOKENIZER_DIR).exists():
             copy_tokenizer(tokenizer_dir, save_dir / TOKENIZER_DIR)
@@ -413,22 +424,61 @@ def _load_sharded(request: dict, path: Path, model_chunks: list) -> dict:
     return load_sharded(request, path, modules, error=CheckpointError)
 
 
-def load_weights_only(load_dir, model_chunks: list) -> None:
-    """Reference / evaluation models: weights only, whatever else the checkpoint holds."""
-    path = validate_checkpoint_dir(load_dir)
+def load_weights_only(load_dir, model_chunks: list, pinned: Optional[dict] = None) -> None:
+    """Reference / evaluation models: weights only, whatever else the checkpoint holds.
+
+    ``pinned`` (from pin_checkpoint): load exactly that iteration, after checking its id;
+    without it, the iteration ``latest`` names."""
+    if pinned is None:
+        path = validate_checkpoint_dir(load_dir)
+    else:
+        problem = pinned_checkpoint_problem(pinned)
+        if problem:
+            raise CheckpointError(problem)
+        path = Path(pinned["path"]) / pinned["iteration"]
     _load_sharded(model_sharded_state_dict(model_chunks), path, model_chunks)
 
 
-def checkpoint_fingerprint(load_dir) -> str:
-    """Identity of the checkpoint ``latest`` names: its metadata and file names and sizes.
+def pin_checkpoint(load_dir, flag: str = "--load") -> dict:
+    """The iteration ``latest`` names now, and its id: a reference that later saves into the
+    same directory (``--load X --save X``) cannot move."""
+    path = validate_checkpoint_dir(load_dir, flag)
+    return {"kind": "checkpoint", "path": os.path.abspath(load_dir), "iteration": path.name,
+            "id": checkpoint_identity(path)}
 
-    Enough to notice a different or re-saved reference, without reading the weights.
-    """
+
+def pinned_name(pinned: dict) -> str:
+    return f"{Path(pinned['path']) / pinned['iteration']} (id {str(pinned.get('id'))[:12]})"
+
+
+def checkpoint_identity(iteration_dir) -> str:
+    """The id stored by the save or conversion that wrote ``iteration_dir``; for checkpoints
+    written before ids existed, a digest of its file names, sizes and metadata."""
+    try:
+        ident = read_checkpoint_id(iteration_dir)
+    except Exception as exc:  # a truncated or foreign common.pt: whatever torch.load raises
+        raise CheckpointError(f"{iteration_dir}/common.pt cannot be read ({type(exc).__name__})") from None
+    return ident or "legacy:" + _legacy_fingerprint(Path(iteration_dir))
+
+
+def pinned_checkpoint_problem(pinned: dict) -> Optional[str]:
+    """Why the pinned checkpoint cannot serve (gone, damaged, or re-saved since); None if it can."""
+    path = Path(pinned["path"]) / pinned["iteration"]
+    if not all((path / name).is_file() for name in _DIST_CHECKPOINT_FILES):
+        return f"the reference checkpoint {pinned_name(pinned)} is gone"
+    try:
+        ident = checkpoint_identity(path)
+    except CheckpointError as exc:
+        return f"the reference checkpoint {pinned_name(pinned)}: {exc}"
+    if ident != pinned["id"]:
+        return (f"the reference checkpoint {pinned_name(pinned)} was overwritten since it was pinned "
+                f"(its id is now {ident[:12]})")
+    return None
+
+
+def _legacy_fingerprint(path: Path) -> str:
     import hashlib
 
-    path = latest_iteration_dir(load_dir)
-    if path is None:
-        raise CheckpointError(f"{load_dir}: no '{LATEST_FILE}' file; not a checkpoint directory")
     digest = hashlib.sha256(str(path.name).encode())
     for f in sorted(path.rglob("*")):
         if f.is_file():

@@ -128,16 +128,27 @@ def use_fused_torch_adam(optimizer, devices: tuple = ("cuda",)) -> int:
     return switched
 
 
-def build_scheduler(optimizer, optim, train_iters: int):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
+def scheduler_settings(optim, train_iters: int) -> dict:
+    """The schedule the flags ask for, under the names of OptimizerParamScheduler.state_dict()
+    (so a checkpoint's schedule can be compared with it before any model is built)."""
     decay_iters = optim.lr_decay_iters or train_iters
     warmup = min(optim.lr_warmup_iters, decay_iters)
+    return dict(max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=warmup,
+                lr_decay_steps=max(decay_iters, warmup + 1), lr_decay_style=optim.lr_decay_style,
+                start_wd=optim.weight_decay, end_wd=optim.weight_decay)
+
+
+def build_scheduler(optimizer, optim, train_iters: int, override: bool = False):
+    """megatron-core's scheduler. On load, ``override`` (--override-opt_param-scheduler) keeps
+    these settings; otherwise the checkpoint's are taken, which megatron_pref.resume has checked
+    equal them unless --use-checkpoint-opt_param-scheduler asked for the checkpoint's."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    settings = scheduler_settings(optim, train_iters)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=max(decay_iters, warmup + 1),
-        lr_decay_style=optim.lr_decay_style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
-        wd_incr_steps=max(train_iters, 1), wd_incr_style="constant")
+        optimizer, init_lr=0.0 if settings["lr_warmup_steps"] else optim.lr, **settings,
+        wd_incr_steps=max(train_iters, 1), wd_incr_style="constant",
+        override_opt_param_scheduler=override, use_checkpoint_opt_param_scheduler=not override)
 
 
 def _configure_schedule(model_chunks: list, optimizer=None) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,18 +21,19 @@ import torch.distributed as dist
 
 from megatron_pref import parallel
 from megatron_pref.arguments import ConfigError, RunConfig, reference_cache_dir, resolve_model_config
-from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, checkpoint_fingerprint,
-                                         load_checkpoint, load_weights_only, read_model_config, read_train_state,
-                                         save_checkpoint, validate_checkpoint_dir)
+from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, load_checkpoint,
+                                         load_weights_only, pinned_checkpoint_problem, read_model_config,
+                                         read_train_state, save_checkpoint, validate_checkpoint_dir)
 from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint, tree_fingerprint
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
                                   attach_token_normalisers, metric_sums_over_data_parallel, synchronize_params, train_step)
 from megatron_pref.logging import MetricsLogger, is_logging_rank, progress_bar, setup_console_logging
+from megatron_pref.losses import bco_running_mean_update
 from megatron_pref.model import (default_transformer_impl, layout_invariant_init, local_norms_support_sequence_parallel,
                                  unwrap_model)
-from megatron_pref.reference import (NoReference, OnlineReference, PrecomputedReference, cache_key,
+from megatron_pref.reference import (KEY_FILE, NoReference, OnlineReference, PrecomputedReference, cache_key,
                                      compute_reference_table, load_cached_table, save_cached_table)
-from megatron_pref.losses import bco_running_mean_update
+from megatron_pref.resume import check_run_record, check_schedule, reference_source, run_record
 from megatron_pref.step import MicroBatch, logps_forward_step, preference_forward_step
 
 logger = logging.getLogger("megatron_pref")
@@ -150,12 +152,9 @@ def metric_names(loss_name: str, loss_config) -> list:
     return sorted(names)
 
 
-def _check_optimizer_resume_early(run: RunConfig, world_size: int) -> None:
+def _check_optimizer_resume_early(run: RunConfig, saved_state: dict, world_size: int) -> None:
     """load_checkpoint's optimizer check, before any process group or model (a wrong layout
     for a distributed-optimizer checkpoint should not cost a model build)."""
-    saved_state = read_train_state(run.checkpoint.load)
-    if saved_state is None:
-        return
     tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
     layout = {"tp": tp, "pp": pp, "vpp": run.parallel.virtual_pipeline_model_parallel_size or 1}
     bucket_size = ddp_bucket_size(run.optim.overlap_grad_reduce, max(world_size // (tp * pp), 1))
@@ -219,24 +218,9 @@ def _te_recipe_support(recipe: str):
     return check() if check is not None else None
 
 
-def _reference_source(run: RunConfig, resumed_source: Optional[dict]) -> Optional[dict]:
-    """Where the reference weights come from: a checkpoint, or the seeded initialisation."""
-    from megatron_pref.losses import requires_reference
-
-    if not requires_reference(run.loss):
-        return None
-    if run.reference.ref_load:
-        return {"kind": "checkpoint", "path": os.path.abspath(run.reference.ref_load)}
-    if resumed_source is not None:
-        return resumed_source  # the reference of the run being resumed: its initial policy
-    if run.checkpoint.load:
-        return {"kind": "checkpoint", "path": os.path.abspath(run.checkpoint.load)}
-    return {"kind": "init", "seed": run.seed}
-
-
 def _load_reference_weights(model_chunks, source: dict, model_cfg) -> None:
     if source["kind"] == "checkpoint":
-        load_weights_only(source["path"], model_chunks)
+        load_weights_only(source["path"], model_chunks, pinned=source)
     else:
         for chunk in model_chunks:
             layout_invariant_init(chunk, model_cfg, source["seed"])
@@ -244,9 +228,46 @@ def _load_reference_weights(model_chunks, source: dict, model_cfg) -> None:
 
 def _reference_fingerprint(source: dict, model_cfg) -> str:
     if source["kind"] == "checkpoint":
-        return "checkpoint:" + checkpoint_fingerprint(source["path"])
+        return "checkpoint:" + source["id"]  # the pinned save's unique id
     # layout_invariant_init draws on the parameters' device: CPU and CUDA draws differ.
     return f"init:seed={source['seed']}:device={'cuda' if torch.cuda.is_available() else 'cpu'}"
+
+
+def _reference_cache(run: RunConfig, source: dict, model_cfg, data: DataBundle, splits) -> tuple:
+    """The cache directory and each split's cache key."""
+    cache_root = Path(reference_cache_dir(run.reference.ref_cache_dir, run.checkpoint.save))
+    fingerprints = {"train": data.train_fingerprint, "valid": data.valid_fingerprint}
+    precision = ("bf16" if run.precision.bf16 else "fp32") + (
+        f"+fp8-{run.precision.fp8_format}-{run.precision.fp8_recipe}" if run.precision.fp8_format else "")
+    keys = {split: cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg), data.tokenizer_fingerprint,
+                             run.data.seq_length, run.data.max_prompt_length, precision, model_cfg.to_dict())
+            for split in splits}
+    if run.loss_config.ld_alpha is not None:  # the cached values are LD-DPO's desensitised sums
+        for key in keys.values():
+            key["ld_alpha"] = run.loss_config.ld_alpha
+    return cache_root, keys
+
+
+def _check_reference_available(run: RunConfig, source: Optional[dict], model_cfg, data: DataBundle) -> None:
+    """A pinned reference checkpoint that is gone (or overwritten) may be served by precomputed
+    log-probs whose key names it; otherwise one line now, before any model is built."""
+    if source is None or source["kind"] != "checkpoint":
+        return
+    problem = pinned_checkpoint_problem(source)
+    if problem is None:
+        return
+    if run.reference.ref_logprobs == "online":
+        raise CheckpointError(f"{problem}; --ref-logprobs online needs its weights")
+    cache_root, keys = _reference_cache(run, source, model_cfg, data, ["train"] + (["valid"] if data.valid is not None else []))
+    for split, key in keys.items():
+        try:
+            stored = json.loads((cache_root / split / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            stored = None
+        if stored != key:
+            raise CheckpointError(f"{problem}, and no precomputed reference log-probs for the {split} split in "
+                                  f"{cache_root} match it (restore it, or give the --ref-cache-dir that has them)")
+    logger.info("%s; its precomputed log-probs in %s serve", problem, cache_root)
 
 
 def _reference_model(run: RunConfig, source: dict, model_cfg) -> list:
@@ -278,17 +299,9 @@ def build_reference(run: RunConfig, source: Optional[dict], model_cfg, data: Dat
         online = OnlineReference(_reference_model(run, source, model_cfg), forward_step)
         return {split: online for split in loaders}
 
-    cache_root = Path(reference_cache_dir(run.reference.ref_cache_dir, run.checkpoint.save))
-    fingerprints = {"train": data.train_fingerprint, "valid": data.valid_fingerprint}
-    precision = ("bf16" if run.precision.bf16 else "fp32") + (
-        f"+fp8-{run.precision.fp8_format}-{run.precision.fp8_recipe}" if run.precision.fp8_format else "")
-    keys, tables = {}, {}
+    cache_root, keys = _reference_cache(run, source, model_cfg, data, list(loaders))
+    tables = {}
     for split, loader in loaders.items():
-        keys[split] = cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg),
-                                data.tokenizer_fingerprint, run.data.seq_length, run.data.max_prompt_length,
-                                precision, model_cfg.to_dict())
-        if run.loss_config.ld_alpha is not None:  # the cached values are LD-DPO's desensitised sums
-            keys[split]["ld_alpha"] = run.loss_config.ld_alpha
         tables[split] = load_cached_table(cache_root / split, keys[split], len(loader.dataset))
     hits = _cache_hits_on_every_rank([tables[split] is not None for split in loaders])
     missing_splits = [split for split, hit in zip(loaders, hits) if not hit]
@@ -384,8 +397,12 @@ def train(run: RunConfig) -> dict:
     if run.reference.ref_load:
         validate_checkpoint_dir(run.reference.ref_load, flag="--ref-load")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if run.checkpoint.load and not run.checkpoint.no_load_optim:
-        _check_optimizer_resume_early(run, world_size)
+    # The train state being resumed (None: a new run, a weights-only checkpoint, --finetune).
+    saved_state = read_train_state(run.checkpoint.load) if run.checkpoint.load and not run.checkpoint.finetune else None
+    if saved_state is not None and not run.checkpoint.no_load_optim:
+        _check_optimizer_resume_early(run, saved_state, world_size)
+    if saved_state is not None and run.optim.train_iters:
+        check_schedule(run, saved_state, run.optim.train_iters)
     if run.precision.fp8_format and not torch.cuda.is_available():
         raise ConfigError("--fp8-format needs GPUs with Transformer Engine")
     if run.precision.transformer_impl == "auto":
@@ -417,9 +434,16 @@ def train(run: RunConfig) -> dict:
     model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
     if run.reference.ref_load:
         _check_reference_architecture(run.reference.ref_load, model_cfg, check_vocab=True)
+    if saved_state is not None:
+        check_run_record(run, data, saved_state)
+    reference = reference_source(run, saved_state)
+    _check_reference_available(run, reference, model_cfg, data)
+    _check_save_keeps_reference(run, reference, saved_state)
     use_thd = run.precision.transformer_impl == "transformer_engine"
 
     # --- Process groups --------------------------------------------------------------------
+    # From here a SIGTERM (with --exit-signal-handler) stops training after the current step.
+    exit_conditions = ExitConditions(run.checkpoint)
     cpu_mode = parallel.initialize(run.parallel, run.seed)
     setup_console_logging()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -441,6 +465,8 @@ def train(run: RunConfig) -> dict:
     valid_loader = (_pair_loader("--valid-data-path", data.valid, global_batch_pairs=dp_size, evaluation_only=True,
                                  **loader_kwargs) if data.valid is not None else None)
     train_iters = _train_iters(run, train_loader)
+    if saved_state is not None and not run.optim.train_iters:  # --train-epochs: known only now
+        check_schedule(run, saved_state, train_iters)
 
     # --- Model, optimizer, scheduler, state ------------------------------------------------
     # Random weights only when nothing is loaded: layout_invariant_init or the checkpoint
@@ -454,9 +480,12 @@ def train(run: RunConfig) -> dict:
         for chunk in model_chunks:
             layout_invariant_init(chunk, model_cfg, run.seed)
     optimizer = build_optimizer(model_chunks, run.optim, run.precision)
-    scheduler = build_scheduler(optimizer, run.optim, train_iters)
+    scheduler = build_scheduler(optimizer, run.optim, train_iters, override=run.checkpoint.override_opt_param_scheduler)
     state = TrainState()
-    if run.checkpoint.load:
+    if run.checkpoint.finetune:  # as Megatron-LM: the weights only; step 0, fresh optimizer and schedule
+        load_checkpoint(run.checkpoint.load, model_chunks, optimizer, None, load_optimizer=False, load_rng=False)
+        logger.info("--finetune: starting at step 0 from the weights of %s", run.checkpoint.load)
+    elif run.checkpoint.load:
         loaded = load_checkpoint(run.checkpoint.load, model_chunks, optimizer, scheduler,
                                  load_optimizer=not run.checkpoint.no_load_optim,
                                  load_rng=not run.checkpoint.no_load_rng)
@@ -470,11 +499,11 @@ def train(run: RunConfig) -> dict:
     train_loader.consumed_pairs = state.consumed_pairs
 
     # --- Reference log-probs ------------------------------------------------------------------
-    state.reference_source = reference_source = _reference_source(run, state.reference_source)
+    state.reference_source = reference
     loaders = {"train": train_loader}
     if valid_loader is not None:
         loaders["valid"] = valid_loader
-    references = build_reference(run, reference_source, model_cfg, data, loaders, use_thd)
+    references = build_reference(run, reference, model_cfg, data, loaders, use_thd)
 
     # --- Logging ----------------------------------------------------------------------------
     log_dir = run.log.tensorboard_dir or run.checkpoint.save
@@ -511,55 +540,60 @@ def train(run: RunConfig) -> dict:
     # --- The loop -----------------------------------------------------------------------------
     last_metrics: dict = {}
     window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0, "skipped": 0}
-    while state.iteration < train_iters:
-        start = time.time()
-        packs = train_loader.next_global_batch()
-        micro = [MicroBatch(p) for p in packs]
-        references["train"].attach(micro)
-        result = train_step(model_chunks, optimizer, micro, forward_step, names, state.iteration + 1,
-                            run.skip_nonfinite_batches)
-        if not result.skipped:  # as Megatron-LM: the schedule advances with successful updates only
-            scheduler.step(increment=1)
-        elif is_logging_rank():
-            logger.warning("step %d: non-finite loss or gradients: batch skipped, no update (--skip-nonfinite-batches)",
-                           state.iteration + 1)
-        if run.loss_config.bco_running_mean and not result.skipped:
-            bco_running_mean_update(state.loss_state, result.metric_sums, result.num_pairs)
-        state.iteration += 1
-        state.consumed_pairs = train_loader.consumed_pairs
-        state.epoch = train_loader.epoch
-        window["time"] += time.time() - start
-        window["real_tokens"] += _global_sum(sum(p.num_real_tokens for p in packs))
-        window["pack_tokens"] += _global_sum(sum(p.pack_length for p in packs))
-        window["skipped"] += int(result.skipped)
+    saved_at = None  # the step of the last save
+    stop = None  # why the loop stops before train_iters: --exit-interval, a signal, a duration
+    try:
+        while state.iteration < train_iters and stop is None:
+            start = time.time()
+            packs = train_loader.next_global_batch()
+            micro = [MicroBatch(p) for p in packs]
+            references["train"].attach(micro)
+            result = train_step(model_chunks, optimizer, micro, forward_step, names, state.iteration + 1,
+                                run.skip_nonfinite_batches)
+            if not result.skipped:  # as Megatron-LM: the schedule advances with successful updates only
+                scheduler.step(increment=1)
+            elif is_logging_rank():
+                logger.warning("step %d: non-finite loss or gradients: batch skipped, no update "
+                               "(--skip-nonfinite-batches)", state.iteration + 1)
+            if run.loss_config.bco_running_mean and not result.skipped:
+                bco_running_mean_update(state.loss_state, result.metric_sums, result.num_pairs)
+            state.iteration += 1
+            state.consumed_pairs = train_loader.consumed_pairs
+            state.epoch = train_loader.epoch
+            window["time"] += time.time() - start
+            window["real_tokens"] += _global_sum(sum(p.num_real_tokens for p in packs))
+            window["pack_tokens"] += _global_sum(sum(p.pack_length for p in packs))
+            window["skipped"] += int(result.skipped)
 
-        if state.iteration % run.log.log_interval == 0 or state.iteration == train_iters:
-            last_metrics = {name: value / max(result.num_pairs, 1) for name, value in result.metric_sums.items()}
-            last_metrics.update({
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": result.grad_norm,
-                "tokens_per_sec": window["real_tokens"] / max(window["time"], 1e-9),
-                "packing_efficiency": window["real_tokens"] / max(window["pack_tokens"], 1),
-                "consumed_pairs": state.consumed_pairs,
-                "skipped": float(window["skipped"]),  # batches skipped since the last log line
-            })
-            metrics_logger.log(state.iteration, last_metrics)
-            window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0, "skipped": 0}
-        if run.log.eval_interval and state.iteration % run.log.eval_interval == 0 and state.iteration < train_iters:
-            metrics_logger.log(state.iteration, run_evaluation(f"step {state.iteration}"), console=False)
-        if run.checkpoint.save and run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
-            _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data)
-        if run.checkpoint.exit_interval and state.iteration % run.checkpoint.exit_interval == 0:
-            logger.info("exiting after step %d (--exit-interval)", state.iteration)
-            metrics_logger.close()
-            synchronize_params(model_chunks)
-            return {"train": last_metrics, "eval_before": before, "eval_after": {}, "iteration": state.iteration,
-                    "weights_sha256": weights_digest(model_chunks)}
+            if state.iteration % run.log.log_interval == 0 or state.iteration == train_iters:
+                last_metrics = {name: value / max(result.num_pairs, 1) for name, value in result.metric_sums.items()}
+                last_metrics.update({
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_sec": window["real_tokens"] / max(window["time"], 1e-9),
+                    "packing_efficiency": window["real_tokens"] / max(window["pack_tokens"], 1),
+                    "consumed_pairs": state.consumed_pairs,
+                    "skipped": float(window["skipped"]),  # batches skipped since the last log line
+                })
+                metrics_logger.log(state.iteration, last_metrics)
+                window = {"time": 0.0, "real_tokens": 0, "pack_tokens": 0, "skipped": 0}
+            if run.log.eval_interval and state.iteration % run.log.eval_interval == 0 and state.iteration < train_iters:
+                metrics_logger.log(state.iteration, run_evaluation(f"step {state.iteration}"), console=False)
+            if run.checkpoint.save and run.checkpoint.save_interval and state.iteration % run.checkpoint.save_interval == 0:
+                _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data)
+                saved_at = state.iteration
+            # Also at the last step, as Megatron-LM: an exit skips the final evaluation.
+            stop = exit_conditions.check(state.iteration)
+    finally:
+        exit_conditions.close()
 
-    after = run_evaluation("final")
+    # --- Finish: one path for the end of training and every early exit ------------------------
+    if stop is not None:
+        logger.info("exiting after step %d (%s)", state.iteration, stop)
+    after = run_evaluation("final") if stop is None else {}
     if after:
         metrics_logger.log(state.iteration, after, console=False)
-    if run.checkpoint.save and (not run.checkpoint.save_interval or state.iteration % run.checkpoint.save_interval):
+    if run.checkpoint.save and saved_at != state.iteration:  # as Megatron-LM: every exit saves
         _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data)
     if before and after:
         logger.info("held-out preference accuracy: %.3f -> %.3f%s", before["eval/rewards/accuracies"],
@@ -569,7 +603,61 @@ def train(run: RunConfig) -> dict:
     metrics_logger.close()
     synchronize_params(model_chunks)
     return {"train": last_metrics, "eval_before": before, "eval_after": after, "iteration": state.iteration,
-            "weights_sha256": weights_digest(model_chunks)}
+            "weights_sha256": weights_digest(model_chunks), "stopped_by": stop}
+
+
+class ExitConditions:
+    """When to leave the loop early, as Megatron-LM: --exit-interval (the same step on every
+    rank), SIGTERM with --exit-signal-handler, --exit-duration-in-mins. A signal or a clock
+    reaches ranks at different steps, so those two are agreed on by an all-reduce after every
+    step (Megatron-LM's DistributedSignalHandler): all ranks stop after the same step."""
+
+    def __init__(self, config):
+        self.config = config
+        self.start = time.time()
+        self.signalled = False
+        self.previous_handler = None
+        if config.exit_signal_handler:
+            self.previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def check(self, iteration: int) -> Optional[str]:
+        if self.config.exit_interval and iteration % self.config.exit_interval == 0:
+            return "--exit-interval"
+        if not (self.config.exit_signal_handler or self.config.exit_duration_in_mins):
+            return None
+        minutes = (time.time() - self.start) / 60
+        flags = torch.tensor([float(self.signalled),
+                              float(bool(self.config.exit_duration_in_mins) and minutes >= (self.config.exit_duration_in_mins or 0))],
+                             device="cuda" if torch.cuda.is_available() else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return "SIGTERM, --exit-signal-handler"
+        if flags[1] > 0:
+            return "--exit-duration-in-mins"
+        return None
+
+    def close(self) -> None:
+        if self.config.exit_signal_handler:
+            signal.signal(signal.SIGTERM, self.previous_handler if self.previous_handler is not None else signal.SIG_DFL)
+
+
+def _check_save_keeps_reference(run: RunConfig, reference: Optional[dict], saved_state: Optional[dict]) -> None:
+    """A run must not save over its own pinned reference (e.g. --finetune from iter_0000002 of
+    the directory it saves into): later resumes would find it gone."""
+    if not (run.checkpoint.save and reference and reference["kind"] == "checkpoint"):
+        return
+    start = (saved_state or {}).get("iteration", 0)
+    try:
+        pinned = int(reference["iteration"].removeprefix("iter_"))
+    except ValueError:  # not a name this package writes: it never saves over it
+        return
+    if os.path.abspath(run.checkpoint.save) == reference["path"] and pinned > start:
+        raise ConfigError(f"--save {run.checkpoint.save} would overwrite {reference['iteration']}, this run's "
+                          "reference; save into another directory")
 
 
 def weights_digest(model_chunks) -> str:
@@ -597,5 +685,6 @@ def _save(run, model_chunks, optimizer, scheduler, state, model_cfg, data) -> No
     synchronize_params(model_chunks)
     path = save_checkpoint(run.checkpoint.save, model_chunks, optimizer, scheduler, state, model_cfg,
                            tokenizer_dir=data.tokenizer_dir, run_metadata={"loss": run.loss},
-                           optim_fully_reshardable=run.checkpoint.optim_fully_reshardable)
+                           optim_fully_reshardable=run.checkpoint.optim_fully_reshardable,
+                           run_record=run_record(run, data))
     logger.info("saved checkpoint %s", path)

@@ -31,6 +31,10 @@ CONFIG_FILE = "megatron_pref_config.json"
 LATEST_FILE = "latest"
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
+# Every save (training or conversion) stores a fresh random id in its iteration directory's
+# common state (and lists it in the config's "checkpoints"): a reference pinned by it notices
+# a re-save or re-conversion into the same directory, which names and sizes alone would not.
+CHECKPOINT_ID_KEY = "checkpoint_id"
 
 # Files that make up a Hugging Face tokenizer (what AutoTokenizer.from_pretrained reads).
 TOKENIZER_FILE_NAMES = (
@@ -96,6 +100,24 @@ def copy_tokenizer(src_dir, dst_dir) -> list:
     return [f.name for f in files]
 
 
+def new_checkpoint_id() -> str:
+    """A unique id for one save, the same on every rank (rank 0 draws it). Collective."""
+    import uuid
+
+    ident = [uuid.uuid4().hex if _rank() == 0 else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(ident, src=0)
+    return ident[0]
+
+
+def read_checkpoint_id(iteration_dir) -> Optional[str]:
+    """The id stored in a dist checkpoint's common state (None: saved before ids existed)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(iteration_dir))
+    return common.get(CHECKPOINT_ID_KEY) if isinstance(common, dict) else None
+
+
 def _unwrap(model):
     if isinstance(model, (list, tuple)):
         if len(model) != 1:
@@ -119,9 +141,12 @@ def save_model_checkpoint(model, model_cfg: ModelConfig, out_dir, iteration: int
     if _rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save({"model": _unwrap(model).sharded_state_dict()}, str(ckpt_dir))
+    checkpoint_id = new_checkpoint_id()
+    dist_checkpointing.save({"model": _unwrap(model).sharded_state_dict(), CHECKPOINT_ID_KEY: checkpoint_id},
+                            str(ckpt_dir))
     if _rank() == 0:
-        metadata = {"model": model_cfg.to_dict(), "format_version": FORMAT_VERSION, "source": {}}
+        metadata = {"model": model_cfg.to_dict(), "format_version": FORMAT_VERSION, "source": {},
+                    "checkpoints": {ckpt_dir.name: checkpoint_id}}
         metadata.update(extra_metadata or {})
         write_json_atomic(out / CONFIG_FILE, metadata)
         if tokenizer_dir is not None:
