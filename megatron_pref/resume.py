@@ -60,7 +60,7 @@ def run_record(run, data) -> dict:
 
 def _show(key: str, value) -> str:
     if key in _FINGERPRINTS and isinstance(value, str):
-        return f"(content {value[:12]})"
+        return f"(content {value.rpartition(':')[2][:12]})"  # the digest, without its "xxh3_128:" label
     return str(value)
 
 

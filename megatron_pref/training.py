@@ -401,8 +401,6 @@ def train(run: RunConfig) -> dict:
     saved_state = read_train_state(run.checkpoint.load) if run.checkpoint.load and not run.checkpoint.finetune else None
     if saved_state is not None and not run.checkpoint.no_load_optim:
         _check_optimizer_resume_early(run, saved_state, world_size)
-    if saved_state is not None and run.optim.train_iters:
-        check_schedule(run, saved_state, run.optim.train_iters)
     if run.precision.fp8_format and not torch.cuda.is_available():
         raise ConfigError("--fp8-format needs GPUs with Transformer Engine")
     if run.precision.transformer_impl == "auto":
@@ -429,6 +427,10 @@ def train(run: RunConfig) -> dict:
     if run.optim.global_batch_size % data_parallel_size:
         raise ConfigError(f"--global-batch-size {run.optim.global_batch_size} is not divisible by the "
                           f"data-parallel size {data_parallel_size}")
+    # Resume compatibility after the architecture and layout: a checkpoint that cannot be built
+    # at all is the first thing to say.
+    if saved_state is not None and run.optim.train_iters:
+        check_schedule(run, saved_state, run.optim.train_iters)
     data = build_data(run)
     check_scores(run, data)
     model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
