@@ -85,14 +85,16 @@ def report_error(message, label: str = "error", status: int = EXIT_BAD_INPUT,
 def _launch_id() -> str:
     """An id that the ranks one launcher started on this node share, and no other launch has:
     the launcher's process id and start time (torchrun's agent, srun's step daemon are the
-    ranks' parent) and torchrun's restart count."""
+    ranks' parent), the rendezvous port (one process may launch several groups of ranks, as
+    parallel.run_on_ranks does) and torchrun's restart count."""
     parent = os.getppid()
     try:
         with open(f"/proc/{parent}/stat") as stat:
             started = stat.read().rsplit(")", 1)[1].split()[19]  # field 22: start time since boot
     except (OSError, IndexError):
         started = "0"
-    return f"{parent}-{started}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return (f"{parent}-{started}-{os.environ.get('MASTER_PORT', '')}-"
+            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
 
 
 def print_once_on_this_node(line: str) -> None:

@@ -4,6 +4,7 @@ chosen TP/PP, CPU gloo ranks) run in fp32 on the same fixed tokens."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -273,6 +274,9 @@ def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pip
     check_dist_checkpoint(load_dir)
     world = tensor_model_parallel_size * pipeline_model_parallel_size
     if launched_by_torchrun():
+        if int(os.environ.get("WORLD_SIZE", "1")) != world:
+            raise ConversionError(f"torchrun started {os.environ.get('WORLD_SIZE')} rank(s); TP x PP = {world} "
+                                  f"are needed")
         return _verify_on_torchrun_ranks(hf_dir, load_dir, parallel, list(tokens), atol, min_argmax_agreement,
                                          info.get("truncated_from"), report)
     reference = hf_logits(hf_dir, tokens)
@@ -300,7 +304,9 @@ def _verify_on_torchrun_ranks(hf_dir, load_dir, parallel, tokens: list, atol: fl
 
     from megatron_pref import parallel as process_groups
 
-    process_groups.initialize(parallel, seed=1234)
+    # The other ranks wait in the gather while this one runs the HF model (minutes for a large
+    # model on the CPU): a generous collective timeout.
+    process_groups.initialize(parallel, seed=1234, timeout_minutes=120)
     try:
         ours = megatron_logits(load_dir, tokens)
         mine = None
