@@ -3,7 +3,6 @@
 With no data flags it trains a tiny GPT on the bundled demo task (CPU/gloo without a GPU).
 """
 
-import os
 import sys
 import warnings
 
@@ -29,8 +28,8 @@ def main(argv=None) -> int:
 
         if isinstance(exc, (DataError, CheckpointError, ConversionError)):
             return _fail(exc, "error")
-        if isinstance(exc, NonFiniteLoss):
-            return _fail(exc, "stopped", code=3)
+        if isinstance(exc, NonFiniteLoss):  # from the globally reduced loss: every rank stops alike
+            return _fail(exc, "stopped", code=3, same_on_every_rank=True)
         raise
     finally:
         from megatron_pref import parallel
@@ -42,11 +41,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def _fail(exc, label, code=2) -> int:
-    rank = os.environ.get("RANK", "0")
-    if rank == "0":
-        print(f"{label}: {exc}", file=sys.stderr)
-    return code
+def _fail(exc, label, code=2, same_on_every_rank=None) -> int:
+    """One line on stderr from the rank that fails (see cli_errors.report_error).
+
+    Errors found before the process groups are set up come from the checks of flags, files and
+    checkpoints that every rank makes alike: printed once. Later ones may concern some ranks
+    only (e.g. "local rank 1 has no GPU"): printed as ``[rank N] error: ...``."""
+    from megatron_pref.cli_errors import report_error
+
+    return report_error(exc, label, code, same_on_every_rank)
 
 
 # The guard matters: dist_checkpointing's async writer starts a multiprocessing Manager that

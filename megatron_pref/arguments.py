@@ -359,6 +359,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.transformer_impl == "transformer_engine":
         from megatron_pref.model import te_available
 
+        _check_optional_packages([("--transformer-impl transformer_engine", "transformer_engine")])
         _check(te_available(), "--transformer-impl transformer_engine: Transformer Engine is not importable here "
                                "(pip install -e '.[gpu]', or use the Docker image)")
     if args.overlap_param_gather:  # as Megatron-LM: the gather is the distributed optimizer's
@@ -375,6 +376,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         # A converted checkpoint carries its Hugging Face tokenizer.
         args.tokenizer_model = os.path.join(args.load, "tokenizer")
         args.tokenizer_type = args.tokenizer_type or "HuggingFaceTokenizer"
+    _check_optional_packages(_optional_packages_needed(args))
     if args.tokenizer_model is not None:
         _check(args.tokenizer_type is not None, "--tokenizer-model needs --tokenizer-type")
         _check(os.path.exists(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
@@ -488,10 +490,8 @@ def _check_output_locations(args) -> None:
     _check(problem is None, problem or "")
     logging_rank = os.environ.get("RANK", "0") == "0"  # the only rank that talks to wandb
     if args.wandb_project and logging_rank:
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("--wandb-project needs wandb (pip install -e '.[logging]')") from None
+        import wandb  # installed: _check_optional_packages
+
         # The mode wandb resolves (WANDB_MODE, `wandb offline`'s settings file, ...): offline
         # and disabled runs need no credentials.
         if wandb.setup().settings.mode in ("offline", "disabled", "dryrun"):
@@ -519,6 +519,41 @@ def _warn_ineffective_flags(args) -> None:
     if os.environ.get("RANK", "0") == "0":
         for line in unused:
             print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _optional_packages_needed(args) -> list:
+    """(the flag as given, the package) for every optional package the flags need (the packages
+    and their pip installs: cli_errors.OPTIONAL_PACKAGES)."""
+    from megatron_pref.data.readers import PARQUET_SUFFIXES
+    from megatron_pref.data.errors import DataError
+    from megatron_pref.data.tokenizer import HUGGINGFACE, canonical_tokenizer_type
+
+    needed = []
+    if args.tensorboard_dir:
+        needed.append(("--tensorboard-dir", "tensorboard"))
+    if args.wandb_project:
+        needed.append(("--wandb-project", "wandb"))
+    for flag, paths in (("--data-path", args.data_path), ("--valid-data-path", args.valid_data_path)):
+        parquet = [p for p in paths or [] if p.lower().endswith(PARQUET_SUFFIXES)]
+        if parquet:
+            needed.append((f"{flag} {parquet[0]}", "pyarrow"))
+    if args.tokenizer_type:
+        try:
+            hugging_face = canonical_tokenizer_type(args.tokenizer_type) == HUGGINGFACE
+        except DataError:  # an unknown type: reported with the data
+            hugging_face = False
+        if hugging_face:
+            needed.append((f"--tokenizer-type {args.tokenizer_type}", "transformers"))
+    return needed
+
+
+def _check_optional_packages(needed) -> None:
+    """One line for the first (flag, package) whose package is not installed."""
+    from megatron_pref.cli_errors import missing_dependency
+
+    for flag, package in needed:
+        problem = missing_dependency(flag, package)
+        _check(problem is None, problem or "")
 
 
 def _data_path_exists(path: str) -> bool:

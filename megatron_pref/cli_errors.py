@@ -11,24 +11,164 @@ detected before any expensive work where possible.
   tool makes after parsing.
 * :func:`check_output_file` / :func:`check_output_dir` -- "can this output location be
   written?" checks that return a one-line problem (or None) before any work is done.
+* :func:`report_error` -- the one line under ``torchrun``, where every rank may fail: an error
+  that every rank finds alike is printed once; any other as ``[rank N] error: ...`` by the rank
+  that fails.
+* :func:`refuse_torchrun` -- one-process tools refuse a ``torchrun`` launch in one line, before
+  importing torch.
+* :func:`missing_dependency` -- the one line for an optional package that a flag needs and that
+  is not installed (:data:`OPTIONAL_PACKAGES` says which pip install brings it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import os
 import sys
 import tempfile
+import time
 from typing import NoReturn, Optional
 
 EXIT_BAD_INPUT = 2
 
 
 def exit_with_error(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print ``error: <message>`` (one line) to stderr and exit with ``status`` (default 2)."""
-    message = " ".join(str(message).split("\n"))
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    """Print ``error: <message>`` (one line) to stderr and exit with ``status`` (default 2).
+
+    Under ``torchrun`` the message is taken to be the same on every rank: it is printed once."""
+    sys.exit(report_error(message, status=status))
+
+
+# --------------------------------------------------------------------------- several ranks
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def report_error(message, label: str = "error", status: int = EXIT_BAD_INPUT,
+                 same_on_every_rank: Optional[bool] = None) -> int:
+    """Print ``<label>: <message>`` as one line on stderr; returns ``status`` (to exit with).
+
+    Under ``torchrun`` (or any launcher that sets ``WORLD_SIZE`` > 1) every rank that fails calls
+    this, and torchrun stops the other ranks as soon as the first one exits, so the line must
+    come from the rank that fails, whichever exits first:
+
+    * ``same_on_every_rank`` (bad flags, files, configurations found before any process group
+      exists: every rank checks the same inputs the same way): printed once, by the first rank of
+      this node to get here (:func:`print_once_on_this_node`);
+    * otherwise (found by some ranks, e.g. after the process groups exist): every failing rank
+      prints its own line, ``[rank N] <label>: <message>``.
+
+    ``same_on_every_rank=None``: True until this process starts its process groups
+    (``megatron_pref.parallel.initialize``), False from then on.
+    """
+    if same_on_every_rank is None:
+        parallel = sys.modules.get("megatron_pref.parallel")
+        same_on_every_rank = parallel is None or not parallel.initialization_started()
+    line = f"{label}: {' '.join(str(message).splitlines())}"
+    if _world_size() > 1 and not same_on_every_rank:
+        print(f"[rank {os.environ.get('RANK', '?')}] {line}", file=sys.stderr, flush=True)
+    else:
+        print_once_on_this_node(line)
+    return status
+
+
+def _launch_id() -> str:
+    """An id that the ranks one launcher started on this node share, and no other launch has:
+    the launcher's process id and start time (torchrun's agent, srun's step daemon are the
+    ranks' parent), the rendezvous port (one process may launch several groups of ranks, as
+    parallel.run_on_ranks does) and torchrun's restart count."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/stat") as stat:
+            started = stat.read().rsplit(")", 1)[1].split()[19]  # field 22: start time since boot
+    except (OSError, IndexError):
+        started = "0"
+    return (f"{parent}-{started}-{os.environ.get('MASTER_PORT', '')}-"
+            f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+
+
+def print_once_on_this_node(line: str) -> None:
+    """Print ``line`` on stderr once among the ranks of this launch on this node.
+
+    The first rank to get here prints it; the others find its digest in a file of this launch
+    (in the temporary directory) and print nothing. The file is locked while the line is
+    printed, so no rank can exit (and make torchrun stop the printing one) before the line is
+    out. Without a launcher (one process) the line is simply printed."""
+    if _world_size() <= 1:
+        print(line, file=sys.stderr, flush=True)
+        return
+    try:
+        import fcntl
+
+        directory = os.path.join(tempfile.gettempdir(), f"megatron_pref-errors-{os.getuid()}")
+        os.makedirs(directory, exist_ok=True)
+        _remove_old_files(directory)
+        digest = hashlib.sha256(line.encode()).hexdigest()[:32]
+        with open(os.path.join(directory, _launch_id()), "a+") as record:
+            fcntl.flock(record, fcntl.LOCK_EX)  # released when the file is closed
+            record.seek(0)
+            if digest in record.read().split():
+                return
+            print(line, file=sys.stderr, flush=True)
+            record.write(digest + "\n")
+            record.flush()
+    except OSError:  # no usable temporary directory: better on every rank than on none
+        print(line, file=sys.stderr, flush=True)
+
+
+def _remove_old_files(directory: str, max_age_s: float = 86400.0) -> None:
+    now = time.time()
+    for entry in os.scandir(directory):
+        try:
+            if now - entry.stat().st_mtime > max_age_s:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+
+
+def refuse_torchrun(tool: str, why: str) -> None:
+    """Exit with one line when ``torchrun`` started this one-process tool.
+
+    Every rank would run the whole tool (and write the same outputs), and torchrun's rendezvous
+    settings make its own process group wait forever; called before torch is imported, so the
+    refusal takes a fraction of a second."""
+    if launched_by_torchrun():
+        exit_with_error(f"{tool} runs as one process ({why}): start it with python, not torchrun")
+
+
+# --------------------------------------------------------------------------- optional packages
+
+# The optional packages that some flag needs: import name -> what installs it.
+OPTIONAL_PACKAGES = {
+    "tensorboard": "pip install -e '.[logging]'",
+    "wandb": "pip install -e '.[logging]'",
+    "pyarrow": "pip install pyarrow",
+    "transformers": "pip install transformers",
+    "transformer_engine": "pip install -e '.[gpu]', or use the Docker image",
+}
+
+
+def missing_dependency(flag: str, package: str) -> Optional[str]:
+    """The one line ``<flag> needs <package> (<pip install>)`` when ``package`` (a key of
+    :data:`OPTIONAL_PACKAGES`) is not installed, else None. Looks for the package without
+    importing it (milliseconds)."""
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return f"{flag} needs {package} ({OPTIONAL_PACKAGES[package]})"
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -546,6 +546,20 @@ def test_cli_end_to_end_in_subprocesses(converted, tmp_path):
     assert strict.returncode == 1 and "FAIL" in strict.stdout, strict.stdout + strict.stderr
 
 
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_verify_runs_on_the_ranks_torchrun_gives_it(converted, tp, pp):
+    """torchrun --nproc-per-node TPxPP: torchrun's ranks are the model's (it used to fork ranks
+    of its own on every rank, which waited forever for torchrun's store); one report."""
+    c = converted("gpt2")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp),
+                          str(REPO / "tools" / "verify_conversion.py"), "--hf-dir", str(c["hf"]), "--load", str(c["mc"]),
+                          "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert out.stdout.count("PASS") == 1 and f"TP={tp} PP={pp}" in out.stdout, out.stdout
+    assert "argmax agreement 100.00%" in out.stdout
+
+
 def test_synthetic_generator_writes_a_convertible_checkpoint(tmp_path):
     """The benchmark generator (docs/conversion.md) at toy size: sharded, and it passes every check."""
     from megatron_pref.convert.hf_to_megatron import plan_hf_to_megatron

@@ -497,3 +497,89 @@ def test_validation_smaller_than_data_parallel_size_evaluates_like_one_rank(dist
         for name, value in one[when].items():
             assert two[when][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (when, name)
     assert one["eval_before"]["eval/logps/chosen"] < 0  # the pair was evaluated (not an empty mean)
+
+
+# --------------------------------------------------------------------------- optional packages
+
+
+def _absent(monkeypatch, package):
+    """Make ``package`` not installed for this test: a finder in front that refuses it, and its
+    modules out of sys.modules (find_spec and import look there first)."""
+    from tests.wrapped_launch import BlockModules
+
+    for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BlockModules([package])] + sys.meta_path)
+
+
+def _optional_package_cases(tmp_path):
+    parquet, jsonl = tmp_path / "d.parquet", tmp_path / "d.jsonl"
+    parquet.write_bytes(b"")
+    jsonl.write_text("")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    logging = "pip install -e '.[logging]'"
+    return [
+        (["--tensorboard-dir", str(tmp_path / "tb")], "tensorboard", f"--tensorboard-dir needs tensorboard ({logging})"),
+        (["--wandb-project", "p"], "wandb", f"--wandb-project needs wandb ({logging})"),
+        (["--data-path", str(jsonl), "--valid-data-path", str(parquet)] + TOKENIZER, "pyarrow",
+         f"--valid-data-path {parquet} needs pyarrow (pip install pyarrow)"),
+        (["--data-path", str(jsonl), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+          str(tmp_path / "hf")], "transformers",
+         "--tokenizer-type HuggingFaceTokenizer needs transformers (pip install transformers)"),
+        (["--transformer-impl", "transformer_engine"], "transformer_engine",
+         "--transformer-impl transformer_engine needs transformer_engine (pip install -e '.[gpu]', or use the Docker image)"),
+    ]
+
+
+def test_a_flag_whose_optional_package_is_missing_is_one_line(tmp_path, monkeypatch):
+    """Each flag that needs an optional package names it and its pip install when it is missing,
+    at parse time (tensorboard used to fail after the reference pass, with a traceback)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    if importlib.util.find_spec("wandb") is not None:  # the control needs no credentials
+        import wandb
+
+        monkeypatch.setattr(wandb, "setup", lambda: SimpleNamespace(settings=SimpleNamespace(mode="offline")))
+    for flags, package, line in _optional_package_cases(tmp_path):
+        if importlib.util.find_spec(package) is not None and package != "transformer_engine":
+            parse_run_config(flags)  # control: installed, accepted
+        with monkeypatch.context() as patch:
+            _absent(patch, package)
+            with pytest.raises(ConfigError) as refused:
+                parse_run_config(flags)
+        assert str(refused.value) == line
+
+
+def test_preprocess_names_the_missing_package(tmp_path, monkeypatch, capsys):
+    from megatron_pref.data.preprocess import main
+
+    parquet = tmp_path / "d.parquet"
+    parquet.write_bytes(b"")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+    cases = [(["--input", str(parquet)] + TOKENIZER, "pyarrow", f"--input {parquet} needs pyarrow"),
+             (["--input", demo_task.demo_data_path("train"), "--tokenizer-type", "HuggingFaceTokenizer",
+               "--tokenizer-model", str(tmp_path / "hf")], "transformers",
+              "--tokenizer-type HuggingFaceTokenizer needs transformers (pip install transformers)")]
+    for argv, package, needle in cases:
+        with monkeypatch.context() as patch:
+            _absent(patch, package)
+            assert main(argv + ["--output-prefix", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    # Control: with pyarrow the empty Parquet file gets as far as reading it.
+    assert main(cases[0][0] + ["--output-prefix", str(tmp_path / "out")]) == 2
+    assert "needs pyarrow" not in capsys.readouterr().err
+
+
+def test_missing_tensorboard_stops_pretrain_before_any_work(tmp_path):
+    """The command users run, with tensorboard not installed: one line, exit 2, no training."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TEST_BLOCK_MODULES="tensorboard")
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "wrapped_launch.py"), str(REPO / "pretrain_pref.py"),
+                          "--tensorboard-dir", str(tmp_path / "tb"), "--train-iters", "1", "--no-progress-bar"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == ["error: --tensorboard-dir needs tensorboard (pip install -e '.[logging]')"]
+    assert out.stdout == "" and not (tmp_path / "tb").exists()

@@ -414,3 +414,45 @@ def test_bench_and_tokenizer_files_are_written_atomically(tmp_path, monkeypatch)
         testing.make_tiny_hf_tokenizer(str(tok_dir))
     assert (tok_dir / "tokenizer.json").read_bytes() == good
     assert sorted(os.listdir(tok_dir)) == ["tokenizer.json", "tokenizer_config.json"]
+
+
+# --- under torchrun ----------------------------------------------------------------------------
+
+def _torchrun_tool(script, *args, nproc=2, block=None):
+    """``torchrun --nproc-per-node nproc tools/script args`` (through tests/wrapped_launch.py when
+    ``block`` names packages to make absent); Popen, started now."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    wrapper = []
+    if block:
+        env["TEST_BLOCK_MODULES"] = block
+        wrapper = [str(REPO / "tests" / "wrapped_launch.py")]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *wrapper,
+                             str(TOOLS / script), *map(str, args)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_process_tools_refuse_torchrun_in_one_line(tmp_path):
+    """Each torchrun rank used to run the whole tool (the converters and verify_conversion's
+    forked ranks waited forever for torchrun's store). A tool that runs as one process refuses
+    in one line, printed once, before it imports torch (torch is made absent here: importing
+    it would fail with a traceback instead)."""
+    cases = {
+        "convert_hf_to_megatron.py": (["--hf-dir", tmp_path, "--save", tmp_path / "out"], "runs as one process"),
+        "convert_megatron_to_hf.py": (["--load", tmp_path, "--save", tmp_path / "out"], "runs as one process"),
+        "make_demo_data.py": (["--out-dir", tmp_path / "demo"], "runs as one process"),
+        "preprocess_pref_data.py": (["--input", tmp_path / "x.jsonl", "--output-prefix", tmp_path / "p",
+                                     "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tmp_path],
+                                    "runs as one process"),
+        "benchmark_logprobs.py": ([], "runs as one process"),
+        "benchmark_pref.py": (["--preset", "tiny", "--device", "cpu"], "the benchmark runs on one rank"),
+        # verify_conversion runs on torchrun's ranks, exactly TP x PP of them.
+        "verify_conversion.py": (["--hf-dir", tmp_path, "--load", tmp_path], "torchrun started 2 rank(s) and "
+                                 "--tensor-model-parallel-size 1 x --pipeline-model-parallel-size 1 needs 1"),
+    }
+    procs = {script: _torchrun_tool(script, *args, block="torch") for script, (args, _) in cases.items()}
+    for script, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        ours = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and len(ours) == 1, (script, err[-3000:])
+        assert cases[script][1] in ours[0] and "torchrun" in ours[0], (script, ours)
+        assert "ModuleNotFoundError" not in err, (script, err[-3000:])

@@ -4,6 +4,7 @@ cache, every loss, the demo learning, and bad input."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -522,11 +523,19 @@ def run_cli(args, env_extra=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun_cli(nproc, args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def torchrun_cli(nproc, args, timeout=300, env_extra=None, script=REPO / "pretrain_pref.py"):
+    """``torchrun --nproc-per-node nproc pretrain_pref.py args``. With ``env_extra``, the ranks run
+    under tests/wrapped_launch.py, which reads it (a rank that starts late, a node's GPU count)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    wrapper = [str(REPO / "tests" / "wrapped_launch.py")] if env_extra else []
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                           str(REPO / "pretrain_pref.py"), *args], cwd=REPO, env=env,
+                           *wrapper, str(script), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list:
+    """Our one-line errors (``error: ...``, ``[rank N] error: ...``), without torchrun's own lines."""
+    return [line for line in stderr.splitlines() if re.match(r"(\[rank \d+\] )?(error|stopped): ", line)]
 
 
 @pytest.mark.parametrize("args,message", [
@@ -567,13 +576,28 @@ def test_flag_dependencies_are_checked_before_any_work(args, message):
     parse_run_config(args + ["--use-distributed-optimizer", "--overlap-grad-reduce"])  # complete: accepted
 
 
-def test_global_batch_not_divisible_by_data_parallel_size():
-    out = torchrun_cli(2, ["--global-batch-size", "7", "--no-progress-bar"], timeout=300)
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_global_batch_not_divisible_by_data_parallel_size(late_rank):
+    """An error every rank finds alike is printed once, whichever rank fails first: the other
+    rank starts 60 s late and torchrun stops it when the first one exits (rank 0 used to be
+    the only one to print, so the line was lost when rank 1 failed first)."""
+    out = torchrun_cli(2, ["--global-batch-size", "7", "--no-progress-bar"], timeout=300,
+                       env_extra={f"TEST_SLEEP_RANK_{late_rank}": "60"})
     assert out.returncode != 0
-    first = out.stderr.strip().splitlines()[0]
-    assert first == "error: --global-batch-size 7 is not divisible by the data-parallel size 2"
+    assert error_lines(out.stderr) == ["error: --global-batch-size 7 is not divisible by the data-parallel size 2"], \
+        out.stderr[-2000:]
     # torchrun reports the failed worker with its own launcher traceback; ours must not appear.
     assert "pretrain_pref.py\", line" not in out.stderr and "megatron_pref/" not in out.stderr
+
+
+def test_an_error_of_one_rank_is_printed_by_that_rank():
+    """A node with one GPU and two ranks: rank 1 has none. Its error is its own (rank 0 waits
+    for it in the rendezvous), so it is printed with the rank."""
+    out = torchrun_cli(2, ["--transformer-impl", "local", "--train-iters", "1", "--no-progress-bar"], timeout=300,
+                       env_extra={"TEST_GPUS": "1"})
+    assert out.returncode != 0
+    assert error_lines(out.stderr) == ["[rank 1] error: local rank 1 has no GPU: this node has 1; launch at most "
+                                       "--nproc-per-node 1"], out.stderr[-2000:]
 
 
 def test_missing_data_file_is_one_line(tmp_path):

@@ -18,6 +18,12 @@ import resource
 import subprocess
 import sys
 
+try:
+    from megatron_pref.cli_errors import refuse_torchrun
+except ImportError:  # running from a source checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron_pref.cli_errors import refuse_torchrun
+
 VARIANTS = ("chunked", "log_softmax")
 
 
@@ -57,6 +63,7 @@ def run_variant(variant: str, tokens: int, vocab: int, chunk_tokens: int, device
 
 
 def main(argv=None) -> int:
+    refuse_torchrun("benchmark_logprobs.py", "each variant runs in a process of its own")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--vocab", type=int, default=32000)

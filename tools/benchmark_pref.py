@@ -830,6 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from megatron_pref.cli_errors import check_output_dir, check_output_file, exit_with_error
 
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:  # torchrun --nproc-per-node 1 is fine
+        exit_with_error("the benchmark runs on one rank: start it with python, or torchrun --nproc-per-node 1")
+
     args = build_parser().parse_args(argv)
     # Every flag and output path is checked here, before any model is built: one line, exit 2.
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]

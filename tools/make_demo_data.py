@@ -18,10 +18,13 @@ import random
 import sys
 
 try:
-    from megatron_pref.data import demo_task
+    from megatron_pref.cli_errors import refuse_torchrun
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatron_pref.data import demo_task
+    from megatron_pref.cli_errors import refuse_torchrun
+if __name__ == "__main__":
+    refuse_torchrun("make_demo_data.py", "the data are written once")
+from megatron_pref.data import demo_task  # noqa: E402
 
 _WORDS = ("the a of to and in is it that for on with as was be this by are at from or an not have "
           "model data answer question train token pack pair reward policy loss value number sum "

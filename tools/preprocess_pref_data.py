@@ -14,10 +14,13 @@ import os
 import sys
 
 try:
-    from megatron_pref.data.preprocess import main
+    from megatron_pref.cli_errors import refuse_torchrun
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatron_pref.data.preprocess import main
+    from megatron_pref.cli_errors import refuse_torchrun
 
 if __name__ == "__main__":
+    refuse_torchrun("preprocess_pref_data.py", "--workers N tokenises in parallel")
+    from megatron_pref.data.preprocess import main
+
     sys.exit(main())

@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import warnings
 from typing import Callable, Optional, Sequence
 
-from megatron_pref.cli_errors import OneLineArgumentParser
+from megatron_pref.cli_errors import OneLineArgumentParser, launched_by_torchrun, refuse_torchrun, report_error
 from megatron_pref.convert.errors import ConversionError
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -38,8 +37,7 @@ def _run(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
     try:
         return body(args)
     except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report_error(exc)
 
 
 def _bounded(convert: Callable, ok: Callable, requirement: str, kind: str) -> Callable[[str], float]:
@@ -90,6 +88,8 @@ def hf_to_megatron_parser() -> argparse.ArgumentParser:
 
 
 def hf_to_megatron_main(argv: Optional[Sequence[str]] = None) -> int:
+    refuse_torchrun("convert_hf_to_megatron.py", "the checkpoint loads at any TP/PP")
+
     def body(args):
         from megatron_pref.convert.hf_to_megatron import convert_hf_to_megatron
 
@@ -120,6 +120,8 @@ def megatron_to_hf_parser() -> argparse.ArgumentParser:
 
 
 def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
+    refuse_torchrun("convert_megatron_to_hf.py", "it reads a checkpoint of any TP/PP")
+
     def body(args):
         from megatron_pref.convert.megatron_to_hf import convert_megatron_to_hf
 
@@ -153,21 +155,34 @@ def verify_parser() -> argparse.ArgumentParser:
 
 
 def verify_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Without torchrun the TP x PP ranks are forked here; under torchrun they are its ranks
+    (``torchrun --nproc-per-node TPxPP``), and one of them prints the report."""
+
     def body(args):
+        world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+        torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched_by_torchrun() and torchrun_world != world:  # before torch is imported
+            raise ConversionError(
+                f"torchrun started {torchrun_world} rank(s) and --tensor-model-parallel-size "
+                f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                f"{args.pipeline_model_parallel_size} needs {world}: use --nproc-per-node {world}, or start it "
+                "with python (it starts the ranks itself)")
         from megatron_pref.convert.verify import verify_conversion
+
+        def report(result):
+            cut = (f" (the text's first {result.num_tokens} of {result.truncated_from} tokens: the model's limit)"
+                   if result.truncated_from else "")
+            print(f"verify: {result.num_tokens} tokens{cut}, TP={args.tensor_model_parallel_size} "
+                  f"PP={args.pipeline_model_parallel_size}, fp32")
+            print(result.summary())
+            verdict = "PASS" if result.passed else "FAIL"
+            print(f"{verdict} (tolerance: max |dlogit| <= {args.atol:g}, argmax agreement >= "
+                  f"{100 * args.min_argmax_agreement:g}%)", flush=True)
 
         result = verify_conversion(args.hf_dir, args.load, args.tensor_model_parallel_size,
                                    args.pipeline_model_parallel_size, atol=args.atol,
                                    min_argmax_agreement=args.min_argmax_agreement, text=args.text,
-                                   random_tokens=args.random_tokens)
-        cut = (f" (the text's first {result.num_tokens} of {result.truncated_from} tokens: the model's limit)"
-               if result.truncated_from else "")
-        print(f"verify: {result.num_tokens} tokens{cut}, TP={args.tensor_model_parallel_size} "
-              f"PP={args.pipeline_model_parallel_size}, fp32")
-        print(result.summary())
-        verdict = "PASS" if result.passed else "FAIL"
-        print(f"{verdict} (tolerance: max |dlogit| <= {args.atol:g}, argmax agreement >= "
-              f"{100 * args.min_argmax_agreement:g}%)")
+                                   random_tokens=args.random_tokens, report=report)
         return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
     return _run(body, verify_parser(), argv)

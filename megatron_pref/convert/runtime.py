@@ -34,9 +34,15 @@ def single_process_parallel_state(seed: int = 0):
             parallel.initialize(ParallelConfig(), seed)
         yield
         return
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConversionError("the converters run as one process (the checkpoint is resharded on load); "
+                              "do not launch them with torchrun")
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                            "TORCHELASTIC_USE_AGENT_STORE")}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(parallel.free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
+    # A one-rank torchrun: its store is not on our port; a store of our own.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     try:
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
         parallel.initialize(ParallelConfig(), seed)

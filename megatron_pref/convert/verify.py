@@ -4,9 +4,10 @@ chosen TP/PP, CPU gloo ranks) run in fp32 on the same fixed tokens."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -244,13 +245,17 @@ def _rank_error(exc: RuntimeError) -> Optional[str]:
 
 def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                       atol: float = 1e-4, min_argmax_agreement: float = 1.0, text: Optional[str] = None,
-                      random_tokens: Optional[int] = None, tokens: Optional[Sequence[int]] = None) -> VerifyResult:
-    """Compare the two models at TP x PP gloo ranks forked from this process (CPU).
+                      random_tokens: Optional[int] = None, tokens: Optional[Sequence[int]] = None,
+                      report: Optional[Callable[[VerifyResult], None]] = None) -> VerifyResult:
+    """Compare the two models at TP x PP ranks: gloo ranks forked from this process (CPU), or,
+    under torchrun, torchrun's ranks (exactly TP x PP of them; every rank returns the result).
 
-    Bad input (directories, mismatched models, options) raises ConversionError before either
-    model is built."""
+    ``report(result)`` is called once, on one process, before any rank returns (under torchrun
+    a rank that returns first may have the others stopped). Bad input (directories, mismatched
+    models, options) raises ConversionError before either model is built."""
+    from megatron_pref.cli_errors import launched_by_torchrun
     from megatron_pref.model import ParallelConfig
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.parallel import run_on_ranks
 
     if not (math.isfinite(atol) and atol >= 0):
         raise ConversionError(f"--atol must be a finite number >= 0, got {atol}")
@@ -267,8 +272,14 @@ def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pip
         raise ConversionError(f"tokens must be ids below {cfg.vocab_size}, at most {cfg.max_position_embeddings} "
                               f"of them")
     check_dist_checkpoint(load_dir)
-    reference = hf_logits(hf_dir, tokens)
     world = tensor_model_parallel_size * pipeline_model_parallel_size
+    if launched_by_torchrun():
+        if int(os.environ.get("WORLD_SIZE", "1")) != world:
+            raise ConversionError(f"torchrun started {os.environ.get('WORLD_SIZE')} rank(s); TP x PP = {world} "
+                                  f"are needed")
+        return _verify_on_torchrun_ranks(hf_dir, load_dir, parallel, list(tokens), atol, min_argmax_agreement,
+                                         info.get("truncated_from"), report)
+    reference = hf_logits(hf_dir, tokens)
     try:
         results = run_on_ranks(megatron_logits, world, parallel, str(load_dir), list(tokens))
     except RuntimeError as exc:
@@ -279,4 +290,36 @@ def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pip
     ours = next(r for r in results if r is not None)
     result = compare_logits(ours, reference, atol=atol, min_argmax_agreement=min_argmax_agreement)
     result.truncated_from = info.get("truncated_from")
+    if report is not None:
+        report(result)
+    return result
+
+
+def _verify_on_torchrun_ranks(hf_dir, load_dir, parallel, tokens: list, atol: float, min_argmax_agreement: float,
+                              truncated_from: Optional[int], report) -> VerifyResult:
+    """torchrun's ranks are the TP x PP ranks. The rank that ends up with the full logits also
+    runs the HF model and compares; every rank receives the result; rank 0 reports it before
+    the last collective, so no rank exits before the report is out."""
+    import torch.distributed as dist
+
+    from megatron_pref import parallel as process_groups
+
+    # The other ranks wait in the gather while this one runs the HF model (minutes for a large
+    # model on the CPU): a generous collective timeout.
+    process_groups.initialize(parallel, seed=1234, timeout_minutes=120)
+    try:
+        ours = megatron_logits(load_dir, tokens)
+        mine = None
+        if ours is not None:
+            mine = compare_logits(ours, hf_logits(hf_dir, tokens), atol=atol,
+                                  min_argmax_agreement=min_argmax_agreement)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        result = next(r for r in gathered if r is not None)
+        result.truncated_from = truncated_from
+        if report is not None and dist.get_rank() == 0:
+            report(result)
+        dist.barrier()
+    finally:
+        process_groups.destroy()
     return result

@@ -27,8 +27,8 @@ import numpy as np
 from .datasets import PAIR_INDEX_DTYPE, PreferenceDatasetWriter, output_paths
 from .errors import DataError
 from .pairs import ProcessOptions, ProcessStats, process_row, validate_length_options
-from .readers import RawChunk, check_input_files, decode_payload, iter_raw_chunks, parse_field_map
-from .tokenizer import TOKENIZER_TYPES, build_tokenizer, check_tokenizer_path
+from .readers import PARQUET_SUFFIXES, RawChunk, check_input_files, decode_payload, iter_raw_chunks, parse_field_map
+from .tokenizer import HUGGINGFACE, TOKENIZER_TYPES, build_tokenizer, check_tokenizer_path
 
 # --------------------------------------------------------------------------- workers
 _W_TOKENIZER = None
@@ -122,11 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_optional_packages(inputs: List[str], tokenizer_flag: str, tokenizer_type: str) -> None:
+    """pyarrow for Parquet input, transformers for a Hugging Face tokenizer: one line if missing."""
+    from megatron_pref.cli_errors import missing_dependency
+
+    parquet = [p for p in inputs if p.lower().endswith(PARQUET_SUFFIXES)]
+    needed = [(f"--input {parquet[0]}", "pyarrow")] if parquet else []
+    if tokenizer_type == HUGGINGFACE:
+        needed.append((f"--tokenizer-type {tokenizer_flag}", "transformers"))
+    for flag, package in needed:
+        problem = missing_dependency(flag, package)
+        if problem:
+            raise DataError(problem)
+
+
 def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     # -- every check that needs no data happens before any work --------------------
     spec = check_tokenizer_path(args.tokenizer_type, args.tokenizer_model)
     inputs = check_input_files(args.input)
+    _check_optional_packages(inputs, args.tokenizer_type, spec[0])
     field_map = parse_field_map(args.data_field_map)
     validate_length_options(args.seq_length, args.max_prompt_length)
     if args.workers < 1:
