@@ -30,7 +30,8 @@ logger = logging.getLogger("megatron_pref")
 # Run-record key -> the flag that sets it.
 _RECORD_FLAGS = {
     "loss": "--loss", "seq_length": "--seq-length", "max_prompt_length": "--max-prompt-length",
-    "global_batch_size": "--global-batch-size", "seed": "--seed", "shuffle": "--no-shuffle", "train_data": "--data-path",
+    "global_batch_size": "--global-batch-size", "seed": "--seed", "shuffle": "--no-shuffle",
+    "train_data": "--data-path",
     "data_field_map": "--data-field-map", "strict": "--strict", "tokenizer": "--tokenizer-model",
     "bf16": "--bf16", "fp8_format": "--fp8-format", "fp8_recipe": "--fp8-recipe",
     "adam_beta1": "--adam-beta1", "adam_beta2": "--adam-beta2", "adam_eps": "--adam-eps",
@@ -51,7 +52,8 @@ def run_record(run, data) -> dict:
     return {
         "loss": run.loss, "loss_config": asdict(run.loss_config), "seq_length": run.data.seq_length,
         "max_prompt_length": run.data.max_prompt_length, "global_batch_size": run.optim.global_batch_size,
-        "seed": run.seed, "shuffle": run.data.shuffle, "train_data": data.train_fingerprint, "data_field_map": run.data.data_field_map,
+        "seed": run.seed, "shuffle": run.data.shuffle, "train_data": data.train_fingerprint,
+        "data_field_map": run.data.data_field_map,
         "strict": run.data.strict, "tokenizer": data.tokenizer_fingerprint, "bf16": precision.bf16,
         "fp8_format": precision.fp8_format, "fp8_recipe": precision.fp8_recipe if precision.fp8_format else None,
         "adam_beta1": run.optim.adam_beta1, "adam_beta2": run.optim.adam_beta2, "adam_eps": run.optim.adam_eps,

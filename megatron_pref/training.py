@@ -52,8 +52,9 @@ class DataBundle:
     tokenizer_path: str
     tokenizer_dir: Optional[str]
 
-    # Content identities (every byte hashed, once per node), computed on first use: only a
-    # precomputed reference needs them. Every rank must ask, in the same order (a collective).
+    # Content identities (every byte hashed), computed on first use: by a precomputed reference's
+    # cache key, a resume's check and every save's run record (megatron_pref.resume). With process
+    # groups they are a collective (once per node): every rank must ask, in the same order.
     @functools.cached_property
     def train_fingerprint(self) -> str:
         return agreed_fingerprint(lambda: data_fingerprint(self.train_files))
@@ -161,9 +162,13 @@ def _check_optimizer_resume_early(run: RunConfig, saved_state: dict, world_size:
     problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout, bucket_size)
     if problem:
         raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
+
+
+def _check_loss_state_resume(run: RunConfig, saved_state: dict) -> None:
+    """A loss that keeps state across steps must find it in the checkpoint (with or without
+    --no-load-optim): restarting bco_pair's running mean at 0 mid-run would silently change the loss."""
     if run.loss_config.bco_running_mean and saved_state.get("iteration", 0) > 0 \
             and "bco_steps" not in (saved_state.get("loss_state") or {}):
-        # Restarting the running mean at 0 mid-run would silently change the loss.
         raise CheckpointError(f"--load {run.checkpoint.load}: saved without --bco-running-mean, so it has no "
                               f"running mean reward to resume")
 
@@ -401,6 +406,8 @@ def train(run: RunConfig) -> dict:
     saved_state = read_train_state(run.checkpoint.load) if run.checkpoint.load and not run.checkpoint.finetune else None
     if saved_state is not None and not run.checkpoint.no_load_optim:
         _check_optimizer_resume_early(run, saved_state, world_size)
+    if saved_state is not None:
+        _check_loss_state_resume(run, saved_state)
     if run.precision.fp8_format and not torch.cuda.is_available():
         raise ConfigError("--fp8-format needs GPUs with Transformer Engine")
     if run.precision.transformer_impl == "auto":

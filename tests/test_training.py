@@ -458,8 +458,9 @@ def test_bco_running_mean_survives_resume(distributed, tmp_path, tiny):
                                           "--exit-interval", "1"])
     from megatron_pref.checkpointing import CheckpointError
 
-    with pytest.raises(CheckpointError, match="saved without --bco-running-mean"):
-        _train(common + ["--load", str(tmp_path / "plain")])
+    for no_optimizer in ([], ["--no-load-optim"]):  # the running mean is not optimizer state
+        with pytest.raises(CheckpointError, match="saved without --bco-running-mean"):
+            _train(common + ["--load", str(tmp_path / "plain")] + no_optimizer)
 
 
 def test_online_reference_equals_precomputed(distributed, tmp_path, tiny):
