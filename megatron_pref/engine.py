@@ -31,10 +31,11 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
                        overlap_param_gather: bool = False) -> list:
     """This rank's model chunks (one, or one per virtual pipeline stage), DDP-wrapped.
 
-    ``wrap_ddp=False`` builds a frozen model (the online reference): no gradients, no DDP
-    buffers, no optimizer state. ``overlap_grad_reduce`` (``--overlap-grad-reduce``) launches
-    each gradient bucket's data-parallel reduction as soon as the last micro-batch's backward
-    has filled it, overlapping it with the rest of the backward. ``overlap_param_gather``
+    ``wrap_ddp=False`` builds a frozen model (the online reference): no DDP buffers, no
+    optimizer state, and run only under ``torch.no_grad``, so it keeps no gradients.
+    ``overlap_grad_reduce`` (``--overlap-grad-reduce``) launches each gradient bucket's
+    data-parallel reduction as soon as the last micro-batch's backward has filled it,
+    overlapping it with the rest of the backward. ``overlap_param_gather``
     (``--overlap-param-gather``, distributed optimizer only) leaves the optimizer step's
     parameter all-gather to forward pre-hooks, bucket by bucket, during the next forward; with
     virtual pipeline stages the interleaved schedule starts each chunk's gather, aligned across
@@ -64,9 +65,11 @@ def build_model_chunks(model_cfg: ModelConfig, parallel: ParallelConfig, precisi
             model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model,
                                             disable_bucketing=(vp_stage is not None and vp_stage > 0))
         else:
+            # Frozen by running only under torch.no_grad (forward_only_pass), not by
+            # requires_grad_(False): torch.matmul picks its GEMM by the weight's requires_grad,
+            # and at TP>1 a frozen weight took a folded 2-D GEMM while the policy took the
+            # batched one, so reference and policy differed by rounding and step-0 ties broke.
             model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
         chunks.append(model)
     return chunks
 

@@ -72,17 +72,55 @@ def layout_flags(tp, pp):
     return ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
 
 
-@pytest.mark.parametrize("world,tp,pp,seq_length", [(1, 1, 1, 64), (2, 2, 1, 64), (2, 1, 2, 64), (1, 1, 1, 128)])
-def test_step_zero_identity(distributed, tmp_path, world, tp, pp, seq_length, tiny):
-    """Reference = initial policy: DPO loss ln 2, zero rewards, at every layout and packing."""
+@pytest.mark.parametrize("world,tp,pp,seq_length,reference", [
+    (1, 1, 1, 64, "precompute"), (2, 2, 1, 64, "precompute"), (2, 2, 1, 64, "online"),
+    (2, 1, 2, 64, "precompute"), (1, 1, 1, 128, "precompute")])
+def test_step_zero_identity(distributed, tmp_path, world, tp, pp, seq_length, reference, tiny):
+    """Reference = initial policy: DPO loss ln 2 and rewards exactly 0 at every layout and
+    packing, so no held-out pair counts as accurate at step 0 (issue 16: TP=2 gave 0.23)."""
     argv = tiny + layout_flags(tp, pp) + ["--loss", "dpo", "--train-iters", "1", "--seq-length", str(seq_length),
-                                          "--ref-cache-dir", str(tmp_path / "cache")]
+                                          "--ref-cache-dir", str(tmp_path / "cache"), "--ref-logprobs", reference]
     result = run_training(distributed, world, argv)[0]
-    first = result["train"]
+    first, before = result["train"], result["eval_before"]
     assert abs(first["loss"] - math.log(2)) < 1e-6
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert abs(first[name]) < 1e-6, name
-    assert abs(result["eval_before"]["eval/loss"] - math.log(2)) < 1e-6
+    assert abs(before["eval/loss"] - math.log(2)) < 1e-6
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert first[name] == 0.0, (name, first[name])
+        assert before[f"eval/{name}"] == 0.0, (name, before[f"eval/{name}"])
+
+
+def _freeze_reference_parameters(monkeypatch):
+    """The bug of issue 16 item 6, put back: the reference's parameters get
+    ``requires_grad=False``, which makes torch.matmul pick another GEMM (a folded 2-D one) for
+    the tensor-parallel input layout than the policy's pass uses, so the two differ by
+    rounding (~5e-7) and ties break."""
+    import sys as _sys
+    from megatron_pref import engine
+
+    build = engine.build_model_chunks
+
+    def build_frozen(*args, **kwargs):
+        chunks = build(*args, **kwargs)
+        if not kwargs.get("wrap_ddp", True):
+            for chunk in chunks:
+                chunk.requires_grad_(False)
+        return chunks
+
+    for module in list(_sys.modules.values()):
+        if (getattr(module, "__name__", "") or "").startswith("megatron_pref") \
+                and getattr(module, "build_model_chunks", None) is build:
+            monkeypatch.setattr(module, "build_model_chunks", build_frozen)
+
+
+def test_step_zero_ties_break_with_a_frozen_reference_at_tp2(distributed, tmp_path, tiny, monkeypatch):
+    """Negative control of test_step_zero_identity at TP=2: with the reference's parameters
+    frozen by requires_grad, the online reference no longer ties with the policy."""
+    _freeze_reference_parameters(monkeypatch)
+    argv = tiny + layout_flags(2, 1) + ["--loss", "dpo", "--train-iters", "1", "--ref-logprobs", "online",
+                                        "--ref-cache-dir", str(tmp_path / "cache")]
+    result = run_training(distributed, 2, argv)[0]
+    assert result["eval_before"]["eval/rewards/margins"] != 0.0 or result["train"]["rewards/margins"] != 0.0
+    assert result["eval_before"]["eval/rewards/accuracies"] > 0.0 or result["train"]["rewards/accuracies"] > 0.0
 
 
 def _step_zero(distributed, world, argv):
