@@ -44,8 +44,15 @@ def one_line_stops(run):
     """SIGINT and SIGTERM (unless --exit-signal-handler takes SIGTERM during the loop), and a
     dead peer rank, end the run with one line (see the module's docstring)."""
     save, timeout = run.checkpoint.save, run.distributed_timeout_minutes
+    owner, siblings = os.getpid(), _torchrun_siblings()
 
     def on_signal(signum, frame):
+        if os.getpid() != owner:  # a process forked from this one (e.g. a checkpoint writer): leave quietly
+            os._exit(128 + signum)
+        dead = [rank for pid, rank in siblings.items() if not _alive(pid)]
+        if signum == signal.SIGTERM and dead:  # torchrun stops the other workers when one dies
+            _stop(f"error: rank {dead[0]} stopped {_when()}; {_last_checkpoint(save)}", EXIT_RANK_STOPPED,
+                  peer_failure=True)
         what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
         _stop(f"{what} {_when()}; {_last_checkpoint(save)}", 128 + signum, peer_failure=False)
 
@@ -102,6 +109,35 @@ def _peer_failure(exc: BaseException) -> Optional[str]:
             return "timeout"
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _torchrun_siblings() -> dict:
+    """pid -> rank of the other workers torchrun started on this node (none without torchrun)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return {}
+    siblings, parent = {}, os.getppid()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != parent:
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+            if b"RANK" in env:
+                siblings[int(entry)] = int(env[b"RANK"])
+        except (OSError, ValueError, IndexError):
+            continue
+    return siblings
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _rank() -> int:
