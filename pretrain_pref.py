@@ -15,9 +15,11 @@ def main(argv=None) -> int:
 
     try:
         run = parse_run_config(argv)
+        from megatron_pref.stopping import one_line_stops
         from megatron_pref.training import train
 
-        train(run)
+        with one_line_stops(run):  # Ctrl-C, SIGTERM, a dead rank: one line, no traceback
+            train(run)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         return _fail(exc, "error")
     except Exception as exc:  # pragma: no cover - the classes below are imported lazily

@@ -128,6 +128,7 @@ class RunConfig:
     seed: int = 1234
     skip_nonfinite_batches: bool = False
     logprob_chunk_tokens: int = 1024
+    distributed_timeout_minutes: int = 10  # torch.distributed's collective timeout
     # Model flags given explicitly on the command line (checked against a loaded checkpoint).
     explicit_model_fields: dict = field(default_factory=dict)
 
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action="store_true",
                    help="overlap the distributed optimizer's parameter all-gather with the next forward pass "
                         "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="how long a collective waits for the other ranks before the run stops (NCCL and gloo)")
 
     g = p.add_argument_group("precision and kernels")
     g.add_argument("--bf16", action="store_true")
@@ -322,7 +325,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise ConfigError("--group-query-attention needs --num-query-groups")
 
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-                 "log_interval", "logprob_chunk_tokens"):
+                 "log_interval", "logprob_chunk_tokens", "distributed_timeout_minutes"):
         _check(getattr(args, name) >= 1, f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     _check(args.micro_batch_size == 1, "--micro-batch-size: one pack per micro-batch is supported "
                                        "(a pack already holds many pairs; raise --seq-length instead)")
@@ -452,6 +455,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         seed=args.seed,
         skip_nonfinite_batches=args.skip_nonfinite_batches,
         logprob_chunk_tokens=args.logprob_chunk_tokens,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
         explicit_model_fields=explicit,
     )
 

@@ -1,4 +1,9 @@
-"""Reference log-probs: precomputed and cached on disk, or computed online by a frozen model.
+"""The reference: which weights it is (chosen and pinned), and its log-probs, precomputed and
+cached on disk or computed online by a frozen model.
+
+Choosing and pinning (:func:`reference_source`): a resume reuses the resumed run's pinned
+  reference; a new run pins --ref-load, else --load, at the iteration its ``latest`` names now
+  (and that save's unique id), else takes the seeded initial policy.
 
 precompute (default): one forward-only pass of the reference weights over every pair of the
   data, in the policy's parallel layout and precision, before training. The per-pair sums
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -21,9 +27,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_pref.arguments import ConfigError, reference_cache_dir
 from megatron_pref.atomic import write_atomic, write_json_atomic
-from megatron_pref.engine import forward_only_pass
-from megatron_pref.step import MicroBatch
+from megatron_pref.checkpointing import (CheckpointError, load_weights_only, pin_checkpoint, pinned_checkpoint_problem,
+                                         pinned_name)
+from megatron_pref.engine import build_model_chunks, forward_only_pass
+from megatron_pref.logging import is_logging_rank, progress_bar
+from megatron_pref.model import layout_invariant_init
+from megatron_pref.step import MicroBatch, logps_forward_step
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +183,177 @@ class OnlineReference:
 class NoReference:
     def attach(self, micro_batches: Sequence[MicroBatch]) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- choosing and pinning
+
+def reference_source(run, saved_state: Optional[dict]) -> Optional[dict]:
+    """Where the reference weights come from: the resumed run's pinned reference, else --ref-load
+    or --load pinned now (their current iteration and its id), else the seeded initial policy.
+    ``saved_state``: the train state being resumed (None for a new run or --finetune)."""
+    from megatron_pref.losses import requires_reference
+
+    if not requires_reference(run.loss):
+        return None
+    ref_load = run.reference.ref_load
+    if saved_state is not None:
+        resumed = saved_state.get("reference_source")
+        load = run.checkpoint.load
+        if resumed is None:
+            raise CheckpointError(f"--load {load}: the checkpoint was trained without a reference model, and "
+                                  f"--loss {run.loss} needs one (--finetune starts a new run from its weights)")
+        if resumed.get("kind") == "checkpoint" and "iteration" not in resumed:
+            resumed = _pin_legacy(resumed, run)
+        if ref_load and (resumed.get("kind") != "checkpoint" or os.path.abspath(ref_load) != resumed["path"]):
+            was = pinned_name(resumed) if resumed.get("kind") == "checkpoint" else \
+                f"the initial policy of --seed {resumed.get('seed')}"
+            raise CheckpointError(f"--ref-load {ref_load} differs from the reference of the run being resumed, "
+                                  f"{was}: drop --ref-load (--finetune starts a new run)")
+        return resumed
+    if ref_load:
+        return pin_checkpoint(ref_load, "--ref-load")
+    if run.checkpoint.load:
+        return pin_checkpoint(run.checkpoint.load)
+    return {"kind": "init", "seed": run.seed}
+
+
+def _pin_legacy(resumed: dict, run) -> dict:
+    """A reference saved as a bare directory (older megatron-pref) followed that directory's
+    ``latest``. Where this run saves or loads, that is the policy now: refuse. Elsewhere it is
+    what the run used, unless that directory changed: pin its current iteration."""
+    path = resumed["path"]
+    ours = {os.path.abspath(p) for p in (run.checkpoint.load, run.checkpoint.save) if p}
+    if path in ours:
+        raise CheckpointError(f"--load {run.checkpoint.load}: the checkpoint names its reference only as the "
+                              f"directory {path} (saved by an older megatron-pref), whose latest iteration is now "
+                              "this run's policy; the original reference cannot be recovered from it")
+    pinned = pin_checkpoint(path, "the reference")
+    logger.warning("the checkpoint names its reference only as the directory %s (older megatron-pref): pinning "
+                   "its current iteration, %s", path, pinned_name(pinned))
+    return pinned
+
+
+def check_save_keeps_reference(run, reference: Optional[dict], saved_state: Optional[dict]) -> None:
+    """A run must not save over its own pinned reference (e.g. --finetune from iter_0000002 of
+    the directory it saves into): later resumes would find it gone."""
+    if not (run.checkpoint.save and reference and reference["kind"] == "checkpoint"):
+        return
+    start = (saved_state or {}).get("iteration", 0)
+    try:
+        pinned = int(reference["iteration"].removeprefix("iter_"))
+    except ValueError:  # not a name this package writes: it never saves over it
+        return
+    if os.path.abspath(run.checkpoint.save) == reference["path"] and pinned > start:
+        raise ConfigError(f"--save {run.checkpoint.save} would overwrite {reference['iteration']}, this run's "
+                          "reference; save into another directory")
+
+
+# --------------------------------------------------------------------------- building
+
+def _load_reference_weights(model_chunks, source: dict, model_cfg) -> None:
+    if source["kind"] == "checkpoint":
+        load_weights_only(source["path"], model_chunks, pinned=source)
+    else:
+        for chunk in model_chunks:
+            layout_invariant_init(chunk, model_cfg, source["seed"])
+
+
+def _reference_fingerprint(source: dict, model_cfg) -> str:
+    if source["kind"] == "checkpoint":
+        return "checkpoint:" + source["id"]  # the pinned save's unique id
+    # layout_invariant_init draws on the parameters' device: CPU and CUDA draws differ.
+    return f"init:seed={source['seed']}:device={'cuda' if torch.cuda.is_available() else 'cpu'}"
+
+
+def _reference_cache(run, source: dict, model_cfg, data, splits) -> tuple:
+    """The cache directory and each split's cache key."""
+    cache_root = Path(reference_cache_dir(run.reference.ref_cache_dir, run.checkpoint.save))
+    fingerprints = {"train": data.train_fingerprint, "valid": data.valid_fingerprint}
+    precision = ("bf16" if run.precision.bf16 else "fp32") + (
+        f"+fp8-{run.precision.fp8_format}-{run.precision.fp8_recipe}" if run.precision.fp8_format else "")
+    keys = {split: cache_key(fingerprints[split], _reference_fingerprint(source, model_cfg), data.tokenizer_fingerprint,
+                             run.data.seq_length, run.data.max_prompt_length, precision, model_cfg.to_dict())
+            for split in splits}
+    if run.loss_config.ld_alpha is not None:  # the cached values are LD-DPO's desensitised sums
+        for key in keys.values():
+            key["ld_alpha"] = run.loss_config.ld_alpha
+    return cache_root, keys
+
+
+def check_reference_available(run, source: Optional[dict], model_cfg, data) -> None:
+    """A pinned reference checkpoint that is gone (or overwritten) may be served by precomputed
+    log-probs whose key names it; otherwise one line now, before any model is built."""
+    if source is None or source["kind"] != "checkpoint":
+        return
+    problem = pinned_checkpoint_problem(source)
+    if problem is None:
+        return
+    if run.reference.ref_logprobs == "online":
+        raise CheckpointError(f"{problem}; --ref-logprobs online needs its weights")
+    cache_root, keys = _reference_cache(run, source, model_cfg, data, ["train"] + (["valid"] if data.valid is not None else []))
+    for split, key in keys.items():
+        try:
+            stored = json.loads((cache_root / split / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            stored = None
+        if stored != key:
+            raise CheckpointError(f"{problem}, and no precomputed reference log-probs for the {split} split in "
+                                  f"{cache_root} match it (restore it, or give the --ref-cache-dir that has them)")
+    logger.info("%s; its precomputed log-probs in %s serve", problem, cache_root)
+
+
+def _reference_model(plan, source: dict, model_cfg) -> list:
+    chunks = build_model_chunks(model_cfg, plan.run.parallel, plan.precision, wrap_ddp=False,
+                                perform_initialization=False)
+    _load_reference_weights(chunks, source, model_cfg)
+    return chunks
+
+
+def _cache_hits_on_every_rank(hits: list) -> list:
+    """A split counts as cached only if every rank found it (e.g. a cache directory that is
+    not on a shared filesystem): ranks that disagree would enter different collectives."""
+    if not dist.is_initialized():
+        return hits
+    flags = torch.tensor([1.0 if h else 0.0 for h in hits],
+                         device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(f) for f in flags.tolist()]
+
+
+def build_reference(plan, loaders: dict, pairs_per_step: int) -> dict:
+    """NoReference, a PrecomputedReference per split (cached), or an OnlineReference.
+    ``plan``: the run's preflight.Plan (its run, reference source, model, precision and data)."""
+    run, source, model_cfg, data = plan.run, plan.reference, plan.model, plan.data
+    if source is None:
+        return {split: NoReference() for split in loaders}
+    forward_step = logps_forward_step(model_cfg.vocab_size, plan.use_thd, run.logprob_chunk_tokens,
+                                      ld_alpha=run.loss_config.ld_alpha)
+    if run.reference.ref_logprobs == "online":
+        online = OnlineReference(_reference_model(plan, source, model_cfg), forward_step)
+        return {split: online for split in loaders}
+    cache_root, keys = _reference_cache(run, source, model_cfg, data, list(loaders))
+    tables = {}
+    for split, loader in loaders.items():
+        tables[split] = load_cached_table(cache_root / split, keys[split], len(loader.dataset))
+    hits = _cache_hits_on_every_rank([tables[split] is not None for split in loaders])
+    missing_splits = [split for split, hit in zip(loaders, hits) if not hit]
+    # The reference weights are loaded only when some split must be computed.
+    ref_chunks = _reference_model(plan, source, model_cfg) if missing_splits else None
+    for split in missing_splits:
+        loader = loaders[split]
+        bar = progress_bar(loader.num_usable_pairs, f"reference log-probs ({split})",
+                           disable=run.log.no_progress_bar)
+        # The training split in the training's own packs (step 0 bit-identical); evaluation's for valid.
+        steps = loader.iter_reference_pass(pairs_per_step) if split == "train" else loader.iter_once(pairs_per_step)
+        table, seen = compute_reference_table(ref_chunks, steps,
+                                              len(loader.dataset), forward_step, bar)
+        bar.close()
+        missing = np.setdiff1d(loader.source.usable, np.nonzero(seen)[0])
+        if len(missing):
+            raise RuntimeError(f"reference pass missed {len(missing)} pairs of the {split} split")
+        if is_logging_rank():
+            save_cached_table(cache_root / split, keys[split], table)
+        if dist.is_initialized():
+            dist.barrier()
+        tables[split] = table
+    return {split: PrecomputedReference(tables[split]) for split in loaders}

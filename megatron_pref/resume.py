@@ -1,6 +1,7 @@
-"""What a resume (``--load`` of a training checkpoint) must keep, what it may change, and the
-reference it must reuse. Checked from the checkpoint's train state (its small common part,
-readable before any process group), before any model is built.
+"""What a resume (``--load`` of a training checkpoint) must keep and what it may change; the
+reference it must reuse is megatron_pref.reference.reference_source. Checked from the
+checkpoint's train state (its small common part, readable before any process group), before
+any model is built.
 
 As Megatron-LM:
 - may change: logging, evaluation, save and exit intervals, --train-iters (where training
@@ -19,11 +20,9 @@ As Megatron-LM:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
-from typing import Optional
 
-from megatron_pref.checkpointing import CheckpointError, pin_checkpoint, pinned_name
+from megatron_pref.checkpointing import CheckpointError, check_optimizer_resume
 
 logger = logging.getLogger("megatron_pref")
 
@@ -112,47 +111,23 @@ def check_schedule(run, saved_state: dict, train_iters: int) -> None:
                 "or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
 
-def reference_source(run, saved_state: Optional[dict]) -> Optional[dict]:
-    """Where the reference weights come from: the resumed run's pinned reference, else --ref-load
-    or --load pinned now (their current iteration and its id), else the seeded initial policy.
-    ``saved_state``: the train state being resumed (None for a new run or --finetune)."""
-    from megatron_pref.losses import requires_reference
+def check_optimizer_layout(run, saved_state: dict, world_size: int) -> None:
+    """load_checkpoint's optimizer check, before any process group or model (a wrong layout
+    for a distributed-optimizer checkpoint should not cost a model build)."""
+    from megatron_pref.engine import ddp_bucket_size
 
-    if not requires_reference(run.loss):
-        return None
-    ref_load = run.reference.ref_load
-    if saved_state is not None:
-        resumed = saved_state.get("reference_source")
-        load = run.checkpoint.load
-        if resumed is None:
-            raise CheckpointError(f"--load {load}: the checkpoint was trained without a reference model, and "
-                                  f"--loss {run.loss} needs one (--finetune starts a new run from its weights)")
-        if resumed.get("kind") == "checkpoint" and "iteration" not in resumed:
-            resumed = _pin_legacy(resumed, run)
-        if ref_load and (resumed.get("kind") != "checkpoint" or os.path.abspath(ref_load) != resumed["path"]):
-            was = pinned_name(resumed) if resumed.get("kind") == "checkpoint" else \
-                f"the initial policy of --seed {resumed.get('seed')}"
-            raise CheckpointError(f"--ref-load {ref_load} differs from the reference of the run being resumed, "
-                                  f"{was}: drop --ref-load (--finetune starts a new run)")
-        return resumed
-    if ref_load:
-        return pin_checkpoint(ref_load, "--ref-load")
-    if run.checkpoint.load:
-        return pin_checkpoint(run.checkpoint.load)
-    return {"kind": "init", "seed": run.seed}
+    tp, pp = run.parallel.tensor_model_parallel_size, run.parallel.pipeline_model_parallel_size
+    layout = {"tp": tp, "pp": pp, "vpp": run.parallel.virtual_pipeline_model_parallel_size or 1}
+    bucket_size = ddp_bucket_size(run.optim.overlap_grad_reduce, max(world_size // (tp * pp), 1))
+    problem = check_optimizer_resume(saved_state, run.optim.use_distributed_optimizer, layout, bucket_size)
+    if problem:
+        raise CheckpointError(f"--load {run.checkpoint.load}: {problem}")
 
 
-def _pin_legacy(resumed: dict, run) -> dict:
-    """A reference saved as a bare directory (older megatron-pref) followed that directory's
-    ``latest``. Where this run saves or loads, that is the policy now: refuse. Elsewhere it is
-    what the run used, unless that directory changed: pin its current iteration."""
-    path = resumed["path"]
-    ours = {os.path.abspath(p) for p in (run.checkpoint.load, run.checkpoint.save) if p}
-    if path in ours:
-        raise CheckpointError(f"--load {run.checkpoint.load}: the checkpoint names its reference only as the "
-                              f"directory {path} (saved by an older megatron-pref), whose latest iteration is now "
-                              "this run's policy; the original reference cannot be recovered from it")
-    pinned = pin_checkpoint(path, "the reference")
-    logger.warning("the checkpoint names its reference only as the directory %s (older megatron-pref): pinning "
-                   "its current iteration, %s", path, pinned_name(pinned))
-    return pinned
+def check_loss_state(run, saved_state: dict) -> None:
+    """A loss that keeps state across steps must find it in the checkpoint (with or without
+    --no-load-optim): restarting bco_pair's running mean at 0 mid-run would silently change the loss."""
+    if run.loss_config.bco_running_mean and saved_state.get("iteration", 0) > 0 \
+            and "bco_steps" not in (saved_state.get("loss_state") or {}):
+        raise CheckpointError(f"--load {run.checkpoint.load}: saved without --bco-running-mean, so it has no "
+                              f"running mean reward to resume")

@@ -127,6 +127,9 @@ BAD_INPUTS = [
     # item 13
     _row(["--seed", "-1"], r"error: --seed must be in \[0, 2\*\*32 - 1\], got -1$", id="seed-negative"),
     _row(["--seed", str(2**32)], r"error: --seed must be in \[0, 2\*\*32 - 1\], got 4294967296$", id="seed-too-large"),
+    # item 10: the collective timeout (Megatron-LM's flag), passed to init_process_group
+    _row(["--distributed-timeout-minutes", "0"], "error: --distributed-timeout-minutes must be >= 1, got 0$",
+         id="distributed-timeout-0"),
 ]
 
 
@@ -217,6 +220,32 @@ def test_wandb_offline_settings_file_needs_no_credentials(tmp_path):
     assert refused.returncode != 0 and "no wandb API key" in refused.stderr
 
 
+def test_preflight_resolves_once_and_leaves_the_run_unchanged(tmp_path, monkeypatch):
+    """preflight resolves the architecture once (with the tokenizer's vocabulary) and returns an
+    immutable plan holding what it resolved ("auto" layers); the run is not changed. The
+    counter would see the two resolutions train() made before preflight.py, and the equality
+    its rewrite of run.precision.transformer_impl."""
+    import copy
+    import dataclasses
+
+    from megatron_pref import preflight as preflight_module
+    from megatron_pref.model import default_transformer_impl
+
+    calls = []
+    resolve = preflight_module.resolve_model_config
+    monkeypatch.setattr(preflight_module, "resolve_model_config", lambda *a: calls.append(a[1]) or resolve(*a))
+    run = parse_run_config(data_flags(_demo_subset(tmp_path, "train.jsonl", 16), _demo_subset(tmp_path, "v.jsonl", 4))
+                           + MODEL_FLAGS + ["--loss", "dpo"])
+    before = copy.deepcopy(run)
+    plan = preflight_module.preflight(run, 1)
+    assert run == before and run.precision.transformer_impl == "auto"
+    assert plan.precision.transformer_impl == default_transformer_impl()
+    assert calls == [plan.data.tokenizer.vocab_size] and plan.model.vocab_size == plan.data.tokenizer.vocab_size
+    assert plan.reference == {"kind": "init", "seed": run.seed} and plan.saved_state is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.model = None
+
+
 def test_seq_length_beyond_learned_positions_is_refused():
     from megatron_pref.training import train
 
@@ -281,7 +310,7 @@ def data_dir(tmp_path_factory):
 
 
 def _build(args):
-    from megatron_pref.training import build_data
+    from megatron_pref.data.bundle import build_data
 
     return build_data(parse_run_config(args + TOKENIZER + MODEL_FLAGS))
 
@@ -439,7 +468,8 @@ def test_damaged_tensor_data_names_the_cause(checkpoint, tmp_path):
 def test_pairs_without_score_signal_are_counted_in_one_warning(tmp_path, capsys):
     """--spo-target-from-scores skips pairs without both scores or with score_chosen <=
     score_rejected: one warning line with the counts, before any process group."""
-    from megatron_pref.training import build_data, check_scores
+    from megatron_pref.data.bundle import build_data
+    from megatron_pref.preflight import check_scores
 
     lines = [json.loads(line) for line in Path(demo_task.demo_data_path("train")).read_text().splitlines()[:10]]
     for row in lines[:3]:
@@ -463,7 +493,8 @@ def test_pairs_without_score_signal_are_counted_in_one_warning(tmp_path, capsys)
 def test_split_errors_name_their_flag(tmp_path):
     """The loaders' errors name the flag of their data: a training set smaller than a global batch,
     a validation set without a usable pair (every pair longer than --seq-length)."""
-    from megatron_pref.training import _pair_loader, build_data
+    from megatron_pref.data.bundle import build_data
+    from megatron_pref.training import _pair_loader
 
     short = _demo_subset(tmp_path, "short.jsonl", 4)
     rows = [json.loads(line) for line in Path(short).read_text().splitlines()]

@@ -29,7 +29,7 @@ def _write_weights_only(argv, out, seed):
     from megatron_pref.engine import build_model_chunks
     from megatron_pref.arguments import resolve_model_config
     from megatron_pref.model import layout_invariant_init
-    from megatron_pref.training import build_data
+    from megatron_pref.data.bundle import build_data
 
     run = parse_run_config(argv)
     run.precision.transformer_impl = "local"
@@ -64,10 +64,10 @@ def _copy(src, dst):
 
 def _train_with_the_reference_following_latest(argv):
     """The negative control: the reference taken from --load's latest, as before it was pinned."""
-    from megatron_pref import training
+    from megatron_pref import reference
     from megatron_pref.checkpointing import pin_checkpoint
 
-    training.reference_source = lambda run, saved_state: pin_checkpoint(run.checkpoint.load)  # forked rank
+    reference.reference_source = lambda run, saved_state: pin_checkpoint(run.checkpoint.load)  # forked rank
     return _train(argv)
 
 

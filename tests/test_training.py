@@ -157,14 +157,14 @@ def test_step_zero_precomputed_reference_ties_exactly_like_online(distributed, t
 def test_step_zero_identity_breaks_with_another_reference(distributed, tmp_path, tiny):
     """Negative control: a reference from another seed gives a loss away from ln 2."""
     argv = tiny + ["--loss", "dpo", "--train-iters", "1", "--ref-cache-dir", str(tmp_path / "cache")]
-    from megatron_pref import training
+    from megatron_pref import reference
 
-    original = training.reference_source
+    original = reference.reference_source
     try:
-        training.reference_source = lambda run, saved_state: {"kind": "init", "seed": run.seed + 1}
+        reference.reference_source = lambda run, saved_state: {"kind": "init", "seed": run.seed + 1}
         result = run_training(distributed, 1, argv)[0]
     finally:
-        training.reference_source = original
+        reference.reference_source = original
     # Tiny random models give log-probs near uniform: the gap is small but far above 1e-6.
     assert abs(result["eval_before"]["eval/loss"] - math.log(2)) > 1e-4
 
@@ -400,10 +400,10 @@ def test_reference_cache_sees_a_same_size_edit_in_the_middle_of_the_data(distrib
 
 
 def _train_with_a_cache_miss_on_rank_1(argv):
-    from megatron_pref import training
+    from megatron_pref import reference
 
     if os.environ["RANK"] == "1":  # e.g. a cache directory that this node cannot see
-        training.load_cached_table = lambda *args, **kwargs: None
+        reference.load_cached_table = lambda *args, **kwargs: None
     return _train(argv)
 
 
@@ -737,7 +737,7 @@ def test_demo_learns(tmp_path):
 ])
 def test_fp8_support_is_checked_before_any_work(monkeypatch, impl, recipe, capability, error):
     from megatron_pref.model import PrecisionConfig
-    from megatron_pref.training import ConfigError, check_fp8_support
+    from megatron_pref.preflight import ConfigError, check_fp8_support
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-under-test")

@@ -5,7 +5,9 @@ node that the environment describes, for tests of what users see:
 * ``TEST_GPUS=N``: torch reports N CUDA devices (and gloo stays the backend), so that ranks
   from N on have no GPU;
 * ``TEST_BLOCK_MODULES=a,b``: importing (or looking for) these packages fails as if they were
-  not installed.
+  not installed;
+* ``TEST_NO_ONE_LINE_STOPS=1``: pretrain_pref runs without megatron_pref.stopping.one_line_stops
+  (the negative control of tests/test_stopping.py).
 """
 
 import importlib.abc
@@ -45,6 +47,12 @@ def main() -> None:
         torch.cuda.device_count = lambda: gpus
         torch.cuda.set_device = lambda device: None
         cpu.default_backend = lambda: "gloo"
+    if os.environ.get("TEST_NO_ONE_LINE_STOPS"):
+        import contextlib
+
+        from megatron_pref import stopping
+
+        stopping.one_line_stops = lambda run: contextlib.nullcontext()
     runpy.run_path(script, run_name="__main__")
 
 
