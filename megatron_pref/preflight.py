@@ -43,11 +43,6 @@ class Plan:
         """Transformer Engine layers take packed (THD) sequences; local layers a block mask."""
         return self.precision.transformer_impl == "transformer_engine"
 
-    @property
-    def data_parallel_size(self) -> int:
-        parallel = self.run.parallel
-        return self.world_size // (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)
-
 
 def preflight(run: RunConfig, world_size: int) -> Plan:
     """Every check that needs no process group, cheapest first; each failure is one error."""
@@ -78,13 +73,13 @@ def preflight(run: RunConfig, world_size: int) -> Plan:
     if saved_state is not None and run.optim.train_iters:
         check_schedule(run, saved_state, run.optim.train_iters)
 
-    # The data (checksum hook: before the datasets are opened).
+    # The data. (Checksum verification of the data files: here, before build_data opens them.)
     data = build_data(run, tokenizer)
     check_scores(run, data)
     if saved_state is not None:
         check_run_record(run, data, saved_state)
 
-    # The reference (checksum hook: once its source is chosen and pinned).
+    # The reference: chosen and pinned. (Checksum verification of its checkpoint: right after.)
     source = reference.reference_source(run, saved_state)
     reference.check_reference_available(run, source, model, data)
     reference.check_save_keeps_reference(run, source, saved_state)
