@@ -22,7 +22,7 @@ from megatron_pref.convert import mapping as mapping_mod
 from megatron_pref.convert.cli import hf_to_megatron_main, megatron_to_hf_main
 from megatron_pref.convert.verify import DEFAULT_TEXT, compare_logits, hf_logits, megatron_logits
 from megatron_pref.model import ParallelConfig
-from megatron_pref.testing import run_on_ranks
+from megatron_pref.forked_ranks import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")

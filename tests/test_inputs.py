@@ -363,7 +363,7 @@ def test_damaged_reference_cache_is_recomputed(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     directory = tmp_path_factory.mktemp("ckpt")
     train_file = _demo_subset(directory, "t.jsonl", 16)
@@ -420,7 +420,7 @@ def test_reference_checkpoint_of_another_architecture_is_refused(checkpoint, tmp
 def test_damaged_tensor_data_names_the_cause(checkpoint, tmp_path):
     """Only reading the tensors finds a truncated data file; the line says what failed (torch's
     own message names only the failing ranks)."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     def truncate(ck, iteration):
         data = sorted(iteration.glob("*.distcp"))[0]

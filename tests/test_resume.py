@@ -47,7 +47,7 @@ def weights_only(distributed, argv, out, seed=7):
 @pytest.fixture(scope="module")
 def converted(tiny, tmp_path_factory):
     """A weights-only checkpoint of the ``tiny`` model, as a conversion leaves it."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     return run_on_ranks(_write_weights_only, 1, ParallelConfig(), tiny, tmp_path_factory.mktemp("conv") / "c", 7)[0]
 
@@ -153,7 +153,7 @@ def test_every_save_and_conversion_has_its_own_id(distributed, tmp_path, tiny, c
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
     """One training checkpoint (DPO, --train-iters 2, cosine schedule), shared by the table."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     path = tmp_path_factory.mktemp("saved") / "ckpt"
     run_on_ranks(_train, 1, ParallelConfig(), tiny + COMMON + ["--train-iters", "2", "--save", str(path)],

@@ -255,7 +255,7 @@ def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pip
     models, options) raises ConversionError before either model is built."""
     from megatron_pref.cli_errors import launched_by_torchrun
     from megatron_pref.model import ParallelConfig
-    from megatron_pref.parallel import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     if not (math.isfinite(atol) and atol >= 0):
         raise ConversionError(f"--atol must be a finite number >= 0, got {atol}")
