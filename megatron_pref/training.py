@@ -21,9 +21,10 @@ import torch.distributed as dist
 
 from megatron_pref import parallel
 from megatron_pref.arguments import ConfigError, RunConfig, reference_cache_dir, resolve_model_config
-from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, load_checkpoint,
-                                         load_weights_only, pinned_checkpoint_problem, read_model_config,
-                                         read_train_state, save_checkpoint, validate_checkpoint_dir)
+from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, check_save_dir,
+                                         load_checkpoint, load_weights_only, pinned_checkpoint_problem,
+                                         read_model_config, read_provenance, read_train_state, save_checkpoint,
+                                         validate_checkpoint_dir)
 from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint, tree_fingerprint
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
                                   attach_token_normalisers, metric_sums_over_data_parallel, synchronize_params, train_step)
@@ -399,6 +400,8 @@ def train(run: RunConfig) -> dict:
     if run.checkpoint.load:
         validate_checkpoint_dir(run.checkpoint.load)
         checkpoint_model = read_model_config(run.checkpoint.load)
+    provenance = read_provenance(run.checkpoint.load)  # carried into every save (the source model's config)
+    check_save_dir(run.checkpoint.save, provenance)
     if run.reference.ref_load:
         validate_checkpoint_dir(run.reference.ref_load, flag="--ref-load")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -509,6 +512,7 @@ def train(run: RunConfig) -> dict:
 
     # --- Reference log-probs ------------------------------------------------------------------
     state.reference_source = reference
+    state.provenance = provenance
     loaders = {"train": train_loader}
     if valid_loader is not None:
         loaders["valid"] = valid_loader
