@@ -329,7 +329,8 @@ def _space_problem(save_dir: Path, needed: int, flag: str) -> Optional[str]:
 
 def _out_of_space(exc: BaseException, save_dir: Path, needed: int) -> bool:
     """Whether a failed save ran out of disk: ENOSPC anywhere in the chain (megatron-core and
-    torch DCP wrap it, the latter per rank in ``failures``), or torch's zip writer's error
+    torch DCP wrap it, the latter per rank in ``failures``; megatron-core's async writer keeps
+    only its text: "Worker failure: [Errno 28] ..."), or torch's zip writer's error
     ("unexpected pos") on a disk left (all but) full."""
     seen, todo = set(), [exc]
     while todo:
@@ -338,6 +339,8 @@ def _out_of_space(exc: BaseException, save_dir: Path, needed: int) -> bool:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if f"[Errno {errno.ENOSPC}]" in str(e):  # megatron-core 0.16.1 re-raises its writer's error as text
             return True
         for failure in (getattr(e, "failures", None) or {}).values():
             todo.extend(failure if isinstance(failure, tuple) else [failure])

@@ -98,7 +98,8 @@ def test_export_after_training_keeps_the_source_models_special_tokens(distribute
             "--global-batch-size", "4", "--lr", "1e-3", "--no-progress-bar", "--ref-cache-dir", str(tmp_path / "c")]
     commands = [("hf_to_megatron", ["--hf-dir", str(hf_dir), "--save", str(a)]),
                 ("pretrain_pref", ["--loss", "dpo", "--load", str(a), "--save", str(b), "--train-iters", "1", *data]),
-                ("pretrain_pref", ["--loss", "dpo", "--load", str(b), "--save", str(b), "--train-iters", "2", *data]),
+                ("pretrain_pref", ["--loss", "dpo", "--load", str(b), "--save", str(b), "--train-iters", "2",
+                                   "--override-opt_param-scheduler", *data]),
                 ("megatron_to_hf", ["--load", str(b), "--save", str(out)])]
     codes = distributed(_user_commands, 1, ParallelConfig(), commands, forget_provenance, init_parallel=False)[0]
     assert codes == [0, 0, 0, 0]

@@ -201,7 +201,7 @@ def test_saving_the_same_model_again_gets_past_the_save_dir_check(save, checkpoi
     monkeypatch.setattr("megatron_pref.parallel.initialize", reached)
     with pytest.raises(Reached):
         _pretrain_main()([str(tmp_path / save) if a == str(directory / "ck") else a for a in argv]
-                         + ["--load", str(tmp_path / "ck"), "--train-iters", "2"])
+                         + ["--load", str(tmp_path / "ck"), "--train-iters", "2", "--override-opt_param-scheduler"])
 
 
 def test_one_virtual_stage_per_rank_is_the_plain_schedule():
