@@ -219,6 +219,7 @@ def write_checkpoint(save_dir, iteration: int, sharded_state: dict, model_cfg: M
     tokenizer, and last ``latest``. Free space is checked first; a full disk is one line naming
     ``flag`` and the free space, with ``latest`` still on the last complete checkpoint."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     save_dir = Path(save_dir)
     final = save_dir / iteration_name(iteration)
@@ -237,7 +238,7 @@ def write_checkpoint(save_dir, iteration: int, sharded_state: dict, model_cfg: M
     checkpoint_id = sharded_state[CHECKPOINT_ID_KEY] = new_checkpoint_id()
     try:
         dist_checkpointing.save(sharded_state, str(tmp))
-    except BaseException as exc:
+    except (Exception, CheckpointException) as exc:
         if not _out_of_space(exc, save_dir, needed):
             raise
         if global_rank() == 0:
