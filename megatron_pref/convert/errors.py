@@ -1,6 +1,5 @@
 """The one exception type the converters raise for bad input or options."""
 
-from megatron_pref import checkpoint_format
 from megatron_pref.errors import UserError
 
 
@@ -14,4 +13,7 @@ class ConversionError(UserError):
 def read_json_object(path, what: str = "") -> dict:
     """The JSON object in ``path``, or one ConversionError naming the file (unreadable, not
     JSON, or JSON that is not an object). ``what`` prefixes the file in the message."""
-    return checkpoint_format.read_json_object(path, what, error=ConversionError)
+    # Imported here: the tools import this module before torch (see cli_errors.refuse_torchrun).
+    from megatron_pref.checkpoint_format import read_json_object as read
+
+    return read(path, what, error=ConversionError)
