@@ -1,15 +1,6 @@
-"""Training checkpoints through megatron-core ``dist_checkpointing``.
-
-Layout (shared with the converters, see ``convert/checkpoint_io.py``)::
-
-    DIR/latest                     name of the newest *complete* iteration directory
-    DIR/megatron_pref_config.json  the architecture (ModelConfig) and format version
-    DIR/tokenizer/                 tokenizer files, when known
-    DIR/iter_0000100/              dist checkpoint: model, optimizer, rng, train_state
-
-Writes are atomic: every rank writes into ``iter_XXXXXXX.tmp``, then rank 0 renames it and
-only then rewrites ``latest``. A run killed mid-save leaves a ``.tmp`` directory that is
-ignored (and removed by the next save); ``--load`` resumes from the last complete checkpoint.
+"""Training checkpoints (resume: optimizer, scheduler, RNG, position in the data; pinned
+reference checkpoints) on top of the shared format in ``checkpoint_format.py``, which owns the
+layout, ``latest``, the atomic writer and the sharded loader.
 
 Model and optimizer states are sharded tensors, so a checkpoint saved at one TP/PP layout
 loads at another. RNG states are per rank and are restored only when the layout matches.
@@ -20,28 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from megatron_pref.atomic import write_json_atomic, write_text_atomic
-from megatron_pref.convert.checkpoint_io import (CHECKPOINT_ID_KEY, CONFIG_FILE, FORMAT_VERSION, LATEST_FILE,
-                                                 TOKENIZER_DIR, copy_tokenizer, iteration_name, load_sharded,
-                                                 new_checkpoint_id, read_checkpoint_id, read_checkpoint_metadata)
-from megatron_pref.convert.checkpoint_io import read_model_config as _stored_model_config
-from megatron_pref.convert.errors import ConversionError, read_json_object
+from megatron_pref import checkpoint_format as fmt
+from megatron_pref.checkpoint_format import (DIST_CHECKPOINT_FILES, LATEST_FILE, TOKENIZER_DIR, CheckpointFormatError,
+                                             checkpoint_identity, latest_iteration_dir, load_sharded, read_json_object)
 from megatron_pref.model import ModelConfig, unwrap_model
 
-TMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(ValueError):
-    pass
+# One checkpoint error type for training and the format it builds on (a UserError: one line).
+CheckpointError = CheckpointFormatError
 
 
 @dataclass
@@ -55,15 +38,37 @@ class TrainState:
     reference_source: Optional[dict] = None
     # State a loss keeps across steps (bco_pair's running mean reward), saved and restored as is.
     loss_state: dict = field(default_factory=dict)
+    # Where the weights come from (see Provenance): written into every save's config, so the
+    # source model's config and tokenizer travel with the weights from --load to --save.
+    provenance: Optional["Provenance"] = None
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+@dataclass(frozen=True)
+class Provenance:
+    """The weights' origin: the ``source`` of the --load checkpoint (for a Hugging Face
+    conversion its hf_config, generation_config, ...; empty for weights megatron-pref
+    initialised) and its tokenizer directory, if it has one."""
+    source: dict
+    load_dir: Optional[str] = None
+    tokenizer_dir: Optional[str] = None
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def read_provenance(load_dir: Optional[str]) -> Provenance:
+    """The provenance of the weights a run starts from (cheap: reads the --load config)."""
+    if not load_dir:
+        return Provenance({})
+    try:
+        source = fmt.read_source(load_dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--load {load_dir}: {exc}") from None
+    tokenizer = Path(load_dir) / TOKENIZER_DIR
+    return Provenance(source, str(load_dir), str(tokenizer) if fmt.tokenizer_files(tokenizer) else None)
+
+
+def check_save_dir(save_dir: Optional[str], provenance: Provenance) -> None:
+    """--save must not hold another model's checkpoint (see checkpoint_format.check_save_dir)."""
+    if save_dir:
+        fmt.check_save_dir(save_dir, provenance.source, loaded_from=provenance.load_dir)
 
 
 def _layout() -> dict:
@@ -111,21 +116,6 @@ def _restore_rng(state: dict) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def latest_iteration_dir(load_dir, flag: str = "--load") -> Optional[Path]:
-    """The complete checkpoint ``latest`` names, or None when there is none."""
-    latest = Path(load_dir) / LATEST_FILE
-    if not latest.is_file():
-        return None
-    try:
-        name = latest.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{flag} {load_dir}: cannot read {LATEST_FILE}: {exc}") from None
-    path = Path(load_dir) / name
-    if not name or not path.is_dir():
-        raise CheckpointError(f"{flag} {load_dir}: {LATEST_FILE} names {name!r}, which does not exist")
-    return path
 
 
 def is_distributed_optimizer(optimizer) -> bool:
@@ -274,59 +264,26 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
 
     ``run_record``: the settings a resume must keep (megatron_pref.resume), stored in the train
     state, which is readable before any process group (read_train_state)."""
-    from megatron.core import dist_checkpointing
-
-    save_dir = Path(save_dir)
-    final = save_dir / iteration_name(state.iteration)
-    tmp = save_dir / (final.name + TMP_SUFFIX)
-    if _rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob(f"iter_*{TMP_SUFFIX}"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
-
     sharded = model_sharded_state_dict(model_chunks)
-    fmt = optimizer_format(is_distributed_optimizer(optimizer), optim_fully_reshardable, _bucket_size(model_chunks))
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_optimizer_metadata(fmt))
+    optim_fmt = optimizer_format(is_distributed_optimizer(optimizer), optim_fully_reshardable, _bucket_size(model_chunks))
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, metadata=_optimizer_metadata(optim_fmt))
     sharded["rng"] = _rng_sharded_object()
     sharded["train_state"] = {
         "iteration": state.iteration, "consumed_pairs": state.consumed_pairs, "epoch": state.epoch,
         "reference_source": state.reference_source, "loss_state": dict(state.loss_state),
-        "scheduler": scheduler.state_dict(), "layout": _layout(), "optimizer_format": fmt,
+        "scheduler": scheduler.state_dict(), "layout": _layout(), "optimizer_format": optim_fmt,
         "run": run_record,
     }
-    checkpoint_id = sharded[CHECKPOINT_ID_KEY] = new_checkpoint_id()
-    dist_checkpointing.save(sharded, str(tmp))
-    _barrier()
-    if _rank() == 0:
-        if final.exists():  # re-saving the same iteration (e.g. after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        metadata = {"model": model_cfg.to_dict(), "format_version": FORMAT_VERSION,
-                    "source": {"training": run_metadata or {}}}
-        config_path = save_dir / CONFIG_FILE
-        checkpoints = {}
-        if config_path.is_file():  # keep the conversion's provenance and the other iterations' ids
-            try:
-                previous = read_checkpoint_metadata(save_dir)
-                metadata["source"] = {**previous.get("source", {}), **metadata["source"]}
-                checkpoints = dict(previous.get("checkpoints") or {})
-            except ValueError:
-                pass
-        metadata["checkpoints"] = {**checkpoints, final.name: checkpoint_id}
-        write_json_atomic(config_path, metadata)
-        if tokenizer_dir and not (save_dir / TOKENIZER_DIR).exists():
-            copy_tokenizer(tokenizer_dir, save_dir / TOKENIZER_DIR)
-        write_text_atomic(save_dir / LATEST_FILE, final.name + "\n")
-    _barrier()
-    return final
+    provenance = state.provenance or Provenance({})
+    return fmt.write_checkpoint(save_dir, state.iteration, sharded, model_cfg,
+                                source={**provenance.source, "training": run_metadata or {}},
+                                tokenizer_dir=tokenizer_dir or provenance.tokenizer_dir)
 
 
 def read_model_config(load_dir, flag: str = "--load") -> ModelConfig:
     try:
-        return _stored_model_config(load_dir)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return fmt.read_model_config(load_dir)
+    except (CheckpointError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{flag} {load_dir}: {exc}") from None
 
 
@@ -347,22 +304,18 @@ def _common_state_at(path: Path) -> dict:
     return common if isinstance(common, dict) else {}
 
 
-# What megatron-core's torch_dist format writes into every checkpoint directory.
-_DIST_CHECKPOINT_FILES = ("metadata.json", ".metadata", "common.pt")
-
-
 def validate_checkpoint_dir(load_dir, flag: str = "--load") -> Path:
     """Cheap checks before any model is built: one clear line on a bad --load / --ref-load."""
     path = latest_iteration_dir(load_dir, flag)
     if path is None:
         raise CheckpointError(f"{flag} {load_dir}: no '{LATEST_FILE}' file; not a checkpoint directory")
     read_model_config(load_dir, flag)
-    for name in _DIST_CHECKPOINT_FILES:
+    for name in DIST_CHECKPOINT_FILES:
         if not (path / name).is_file():
             raise CheckpointError(f"{flag} {load_dir}: {path.name} is not a complete dist checkpoint (no {name})")
     try:
         read_json_object(path / "metadata.json")
-    except ConversionError as exc:
+    except CheckpointError as exc:
         raise CheckpointError(f"{flag} {load_dir}: {exc}") from None
     return path
 
@@ -451,20 +404,10 @@ def pinned_name(pinned: dict) -> str:
     return f"{Path(pinned['path']) / pinned['iteration']} (id {str(pinned.get('id'))[:12]})"
 
 
-def checkpoint_identity(iteration_dir) -> str:
-    """The id stored by the save or conversion that wrote ``iteration_dir``; for checkpoints
-    written before ids existed, a digest of its file names, sizes and metadata."""
-    try:
-        ident = read_checkpoint_id(iteration_dir)
-    except Exception as exc:  # a truncated or foreign common.pt: whatever torch.load raises
-        raise CheckpointError(f"{iteration_dir}/common.pt cannot be read ({type(exc).__name__})") from None
-    return ident or "legacy:" + _legacy_fingerprint(Path(iteration_dir))
-
-
 def pinned_checkpoint_problem(pinned: dict) -> Optional[str]:
     """Why the pinned checkpoint cannot serve (gone, damaged, or re-saved since); None if it can."""
     path = Path(pinned["path"]) / pinned["iteration"]
-    if not all((path / name).is_file() for name in _DIST_CHECKPOINT_FILES):
+    if not all((path / name).is_file() for name in DIST_CHECKPOINT_FILES):
         return f"the reference checkpoint {pinned_name(pinned)} is gone"
     try:
         ident = checkpoint_identity(path)
@@ -474,15 +417,3 @@ def pinned_checkpoint_problem(pinned: dict) -> Optional[str]:
         return (f"the reference checkpoint {pinned_name(pinned)} was overwritten since it was pinned "
                 f"(its id is now {ident[:12]})")
     return None
-
-
-def _legacy_fingerprint(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(str(path.name).encode())
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            digest.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
-            if f.name in ("metadata.json", ".metadata", "common.pt"):
-                digest.update(f.read_bytes())
-    return digest.hexdigest()

@@ -86,7 +86,7 @@ def _launch_id() -> str:
     """An id that the ranks one launcher started on this node share, and no other launch has:
     the launcher's process id and start time (torchrun's agent, srun's step daemon are the
     ranks' parent), the rendezvous port (one process may launch several groups of ranks, as
-    parallel.run_on_ranks does) and torchrun's restart count."""
+    forked_ranks.run_on_ranks does) and torchrun's restart count."""
     parent = os.getppid()
     try:
         with open(f"/proc/{parent}/stat") as stat:

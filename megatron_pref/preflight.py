@@ -19,8 +19,8 @@ import torch
 
 from megatron_pref import reference
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
-from megatron_pref.checkpointing import (CheckpointError, read_model_config, read_train_state,
-                                         validate_checkpoint_dir)
+from megatron_pref.checkpointing import (CheckpointError, check_save_dir, read_model_config, read_provenance,
+                                         read_train_state, validate_checkpoint_dir)
 from megatron_pref.data.bundle import DataBundle, build_data, open_tokenizer
 from megatron_pref.model import (ModelConfig, PrecisionConfig, default_transformer_impl,
                                  local_norms_support_sequence_parallel)
@@ -37,6 +37,7 @@ class Plan:
     saved_state: Optional[dict]  # the train state being resumed (None: a new run, weights only, --finetune)
     data: DataBundle
     reference: Optional[dict]  # the pinned reference source (None: a reference-free loss)
+    provenance: Optional[dict]  # the source model's config and tokenizer, carried from --load into every save
 
     @property
     def use_thd(self) -> bool:
@@ -51,6 +52,8 @@ def preflight(run: RunConfig, world_size: int) -> Plan:
     if run.checkpoint.load:
         validate_checkpoint_dir(run.checkpoint.load)
         checkpoint_model = read_model_config(run.checkpoint.load)
+    provenance = read_provenance(run.checkpoint.load)
+    check_save_dir(run.checkpoint.save, provenance)
     if run.reference.ref_load:
         validate_checkpoint_dir(run.reference.ref_load, flag="--ref-load")
     saved_state = read_train_state(run.checkpoint.load) if run.checkpoint.load and not run.checkpoint.finetune else None
@@ -83,7 +86,7 @@ def preflight(run: RunConfig, world_size: int) -> Plan:
     source = reference.reference_source(run, saved_state)
     reference.check_reference_available(run, source, model, data)
     reference.check_save_keeps_reference(run, source, saved_state)
-    return Plan(run, world_size, model, precision, saved_state, data, source)
+    return Plan(run, world_size, model, precision, saved_state, data, source, provenance)
 
 
 def _resolve_precision(precision: PrecisionConfig) -> PrecisionConfig:

@@ -124,6 +124,7 @@ def train(run: RunConfig) -> dict:
         model_chunks, optimizer, scheduler, state = _model_and_state(plan, train_iters)
         train_loader.consumed_pairs = state.consumed_pairs
         state.reference_source = plan.reference
+        state.provenance = plan.provenance
         references = build_reference(plan, loaders, EVAL_PAIRS_PER_STEP)
         metrics_logger = _metrics_logger(plan, train_iters)
         names = metric_names(run.loss, run.loss_config)

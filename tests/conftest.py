@@ -31,6 +31,6 @@ def distributed():
     Returns the per-rank results. Each rank has megatron-core's parallel state initialised
     and the CPU compatibility layer on.
     """
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     return run_on_ranks

@@ -22,7 +22,7 @@ from megatron_pref.convert import mapping as mapping_mod
 from megatron_pref.convert.cli import hf_to_megatron_main, megatron_to_hf_main
 from megatron_pref.convert.verify import DEFAULT_TEXT, compare_logits, hf_logits, megatron_logits
 from megatron_pref.model import ParallelConfig
-from megatron_pref.testing import run_on_ranks
+from megatron_pref.forked_ranks import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
@@ -226,8 +226,8 @@ def test_tokenizer_travels_both_ways(converted):
 
 def _reshard_and_save(src, dst):
     """A training-like rank: load at this TP/PP, save a new iteration from every rank."""
-    from megatron_pref.convert.checkpoint_io import (load_model_checkpoint, read_checkpoint_metadata,
-                                                     read_model_config, save_model_checkpoint)
+    from megatron_pref.checkpoint_format import read_checkpoint_metadata, read_model_config
+    from megatron_pref.convert.checkpoint_io import load_model_checkpoint, save_model_checkpoint
     from megatron.core import parallel_state as ps
 
     from megatron_pref.model import PrecisionConfig, build_gpt_model
@@ -237,7 +237,7 @@ def _reshard_and_save(src, dst):
     model = build_gpt_model(cfg, parallel, PrecisionConfig())
     load_model_checkpoint(model, src)
     save_model_checkpoint(model, cfg, dst, iteration=5, tokenizer_dir=Path(src) / "tokenizer",
-                          extra_metadata={"source": read_checkpoint_metadata(src)["source"]})
+                          source=read_checkpoint_metadata(src)["source"])
     return model.embedding.word_embeddings.weight.shape[0] if ps.is_pipeline_first_stage() else None
 
 
@@ -246,7 +246,8 @@ def _load_with_extra_state(src, bogus_key=None):
     checkpoint, written without TE, has none); optionally also request a tensor it lacks."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_pref.convert.checkpoint_io import load_model_checkpoint, read_model_config
+    from megatron_pref.checkpoint_format import read_model_config
+    from megatron_pref.convert.checkpoint_io import load_model_checkpoint
     from megatron_pref.convert.errors import ConversionError
     from megatron_pref.model import PrecisionConfig, build_gpt_model
 
@@ -292,7 +293,7 @@ def test_checkpoint_saved_at_tp2_pp2_exports_bit_exactly(converted, tmp_path):
 
 
 def test_checkpoint_layout_and_config(converted):
-    from megatron_pref.convert.checkpoint_io import read_checkpoint_metadata, read_model_config
+    from megatron_pref.checkpoint_format import read_checkpoint_metadata, read_model_config
 
     c = converted("qwen2")
     assert (c["mc"] / "latest").read_text().strip() == "iter_0000000"
@@ -315,7 +316,7 @@ def test_te_spec_names_match_the_checkpoint_keys(converted):
     for arch in ("llama", "gpt2"):
         c = converted(arch)
         stored = set(dist_checkpointing.load_tensors_metadata(str(resolve_iteration_dir(c["mc"]))))
-        from megatron_pref.convert.checkpoint_io import read_model_config
+        from megatron_pref.checkpoint_format import read_model_config
 
         m = mapping_mod.mapping_for(arch, read_model_config(c["mc"]))
         wanted = {re.sub(r"layers\.\d+\.", "layers.", mapping_mod.te_key(k)) for k in m.megatron_shapes()}

@@ -53,6 +53,18 @@ def _checkpoint_with(**model):
     return prepare
 
 
+def _save_dir_of_another_model(tmp, request):
+    """{tmp}/ck: a checkpoint megatron-pref initialised; {tmp}/other: one of a converted Llama."""
+    directory, _ = request.getfixturevalue("checkpoint")
+    for name in ("ck", "other"):
+        shutil.copytree(directory / "ck", tmp / name)
+    config_path = tmp / "other" / "megatron_pref_config.json"
+    config = json.loads(config_path.read_text())
+    config["source"] = {"format": "huggingface", "architecture": "LlamaForCausalLM", "hf_dir": "/models/llama",
+                        "hf_config": {"bos_token_id": 5, "eos_token_id": 7}}
+    config_path.write_text(json.dumps(config))
+
+
 def _row(argv, first_line, code=2, absent=(), prepare=None, cwd=None, id=None):
     """``first_line``: a regex for the start of the one stderr line. ``absent``: paths relative to
     the working directory; ``runs`` (the default output location) is always checked."""
@@ -124,6 +136,11 @@ BAD_INPUTS = [
           "{tmp}/noscores.jsonl", *TOKENIZER, *MODEL_FLAGS],
          "error: --spo-target-from-scores: --valid-data-path {tmp}/noscores.jsonl has no score_chosen",
          prepare=_write_rows_without_scores, id="spo-scores-missing-valid"),
+    # item 2: saving into another model's checkpoint directory would inherit its provenance
+    _row(["--load", "{tmp}/ck", "--save", "{tmp}/other", "--train-iters", "2"],
+         r"error: --save {tmp}/other holds a checkpoint of another model \(LlamaForCausalLM converted from "
+         r"/models/llama\) than this run's \(--load {tmp}/ck: a model initialised by megatron-pref\); save into "
+         r"another directory$", prepare=_save_dir_of_another_model, id="save-into-another-models-checkpoint"),
     # item 13
     _row(["--seed", "-1"], r"error: --seed must be in \[0, 2\*\*32 - 1\], got -1$", id="seed-negative"),
     _row(["--seed", str(2**32)], r"error: --seed must be in \[0, 2\*\*32 - 1\], got 4294967296$", id="seed-too-large"),
@@ -167,6 +184,27 @@ def test_bad_input_table(argv, first_line, code, absent, prepare, cwd, tmp_path,
     for path in absent:
         assert not (tmp_path / path).exists(), path
     assert sorted(os.listdir(tmp_path)) == before  # nothing written at all
+
+
+@pytest.mark.parametrize("save", ["ck", "copy"])
+def test_saving_the_same_model_again_gets_past_the_save_dir_check(save, checkpoint, tmp_path, monkeypatch):
+    """The control of the save-into-another-model row: a resume into its own directory, or into a
+    copy of it, is not refused (it reaches the process group)."""
+    directory, argv = checkpoint
+    shutil.copytree(directory / "ck", tmp_path / "ck")
+    shutil.copytree(directory / "ck", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr("megatron_pref.parallel.initialize", reached)
+    with pytest.raises(Reached):
+        _pretrain_main()([str(tmp_path / save) if a == str(directory / "ck") else a for a in argv]
+                         + ["--load", str(tmp_path / "ck"), "--train-iters", "2", "--override-opt_param-scheduler"])
 
 
 def test_one_virtual_stage_per_rank_is_the_plain_schedule():
@@ -392,7 +430,7 @@ def test_damaged_reference_cache_is_recomputed(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     directory = tmp_path_factory.mktemp("ckpt")
     train_file = _demo_subset(directory, "t.jsonl", 16)
@@ -449,7 +487,7 @@ def test_reference_checkpoint_of_another_architecture_is_refused(checkpoint, tmp
 def test_damaged_tensor_data_names_the_cause(checkpoint, tmp_path):
     """Only reading the tensors finds a truncated data file; the line says what failed (torch's
     own message names only the failing ranks)."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     def truncate(ck, iteration):
         data = sorted(iteration.glob("*.distcp"))[0]

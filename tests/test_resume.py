@@ -5,6 +5,7 @@ with --exit-signal-handler, --exit-duration-in-mins)."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,7 +48,7 @@ def weights_only(distributed, argv, out, seed=7):
 @pytest.fixture(scope="module")
 def converted(tiny, tmp_path_factory):
     """A weights-only checkpoint of the ``tiny`` model, as a conversion leaves it."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     return run_on_ranks(_write_weights_only, 1, ParallelConfig(), tiny, tmp_path_factory.mktemp("conv") / "c", 7)[0]
 
@@ -153,7 +154,7 @@ def test_every_save_and_conversion_has_its_own_id(distributed, tmp_path, tiny, c
 @pytest.fixture(scope="module")
 def saved(tiny, tmp_path_factory):
     """One training checkpoint (DPO, --train-iters 2, cosine schedule), shared by the table."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     path = tmp_path_factory.mktemp("saved") / "ckpt"
     run_on_ranks(_train, 1, ParallelConfig(), tiny + COMMON + ["--train-iters", "2", "--save", str(path)],
@@ -332,3 +333,69 @@ def test_sigterm_to_torchrun_saves_and_resumes(distributed, tmp_path, tiny):
 
     ckpt, _, _ = interrupted("control", [])
     assert not (ckpt / "latest").exists()
+
+
+# ------------------------------------------------------------- item: a full disk (issue 16 item 9)
+
+def _pretrain_on_a_disk_full_from_step_2(argv, how):
+    """pretrain_pref.main in this forked rank, on a disk that fills once step 1 is saved:
+    ``free`` reports less free space than the checkpoint needs (checked before writing);
+    ``enospc`` lets the writer's worker fail with ENOSPC midway through a file, as the kernel
+    does (megatron-core wraps it in torch's CheckpointException); ``room`` is the control."""
+    import contextlib
+    import errno
+    import functools
+    import io
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from tests.test_inputs import _pretrain_main
+
+    save = Path(argv[argv.index("--save") + 1])
+
+    def full() -> bool:
+        return (save / "iter_0000001").is_dir()
+
+    if how == "free":
+        real_usage = shutil.disk_usage
+        shutil.disk_usage = lambda path: real_usage(path)._replace(free=4096) if full() else real_usage(path)
+    elif how == "enospc":
+        real_write = filesystem_async._write_item
+
+        @functools.wraps(real_write)
+        def write(*args, **kwargs):
+            if full():
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(*args, **kwargs)
+
+        filesystem_async._write_item = write
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = _pretrain_main()(argv)
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("how", ["free", "enospc", "room"])
+def test_full_disk_is_one_line_and_latest_stays_complete(distributed, tmp_path, tiny, how):
+    """--save on a disk that fills after step 1: one line naming --save and the free space (no
+    CheckpointException traceback), no half-written iteration left, ``latest`` on step 1, and
+    the resume from it works. Control (``room``): the same run saves step 2."""
+    ckpt = tmp_path / "ckpt"
+    argv = tiny + COMMON + ["--train-iters", "2", "--save-interval", "1", "--save", str(ckpt),
+                            "--ref-cache-dir", str(tmp_path / "cache")]
+    code, err = distributed(_pretrain_on_a_disk_full_from_step_2, 1, ParallelConfig(), argv, how,
+                            init_parallel=False)[0]
+    if how == "room":
+        assert code == 0 and "error" not in err, err[-3000:]
+        assert (ckpt / "latest").read_text().strip() == "iter_0000002"
+        return
+    what = "not enough free space" if how == "free" else "no space left"
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines() == [err.strip()], err[-3000:]
+    assert err.startswith(f"error: --save {ckpt}: {what} on its device ("), err
+    assert re.search(r"\(\d+\.\d [MG]iB free, the checkpoint needs about \d+\.\d MiB\); the last complete "
+                     rf"checkpoint is {re.escape(str(ckpt))}/iter_0000001$", err.strip()), err
+    assert (ckpt / "latest").read_text().strip() == "iter_0000001"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000001"]
+    resumed = run_training(distributed, 1, argv[:-4] + ["--load", str(ckpt), "--ref-cache-dir", str(tmp_path / "cache")])[0]
+    assert resumed["iteration"] == 2

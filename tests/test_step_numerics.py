@@ -132,7 +132,7 @@ def _run(run_on_ranks, world, argv, metrics_file, unmarked_build=False):
 @pytest.fixture(scope="module")
 def single_rank(flags, tmp_path_factory):
     """The reference: the same 3 clipped steps on one rank."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     return _run(run_on_ranks, 1, flags + STEP_FLAGS, tmp_path_factory.mktemp("tp1") / "metrics.jsonl")
 

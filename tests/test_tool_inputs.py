@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_pref.convert.checkpoint_io import CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, iteration_name
+from megatron_pref.checkpoint_format import CONFIG_FILE, FORMAT_VERSION, LATEST_FILE, iteration_name
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tools"

@@ -4,8 +4,8 @@ Public API (imports are lazy: ``import megatron_pref.convert`` does not import m
 
 * :func:`convert_hf_to_megatron` / :func:`convert_megatron_to_hf` -- the two converters;
 * :func:`verify_conversion` / :func:`compare_logits` / :func:`megatron_logits` -- logit checks;
-* ``checkpoint_io``: :func:`save_model_checkpoint`, :func:`load_model_checkpoint`,
-  :func:`read_model_config` -- the on-disk layout that training ``--load`` reads;
+* ``checkpoint_io``: :func:`save_model_checkpoint`, :func:`load_model_checkpoint` (on the shared
+  ``megatron_pref.checkpoint_format``; :func:`read_model_config`) -- the layout training ``--load`` reads;
 * :class:`ConversionError` -- bad input, reported as one line before anything is written.
 
 See docs/conversion.md.
@@ -27,7 +27,7 @@ _LAZY = {
     "megatron_logits": "megatron_pref.convert.verify",
     "save_model_checkpoint": "megatron_pref.convert.checkpoint_io",
     "load_model_checkpoint": "megatron_pref.convert.checkpoint_io",
-    "read_model_config": "megatron_pref.convert.checkpoint_io",
+    "read_model_config": "megatron_pref.checkpoint_format",
     "SUPPORTED": "megatron_pref.convert.architectures",
 }
 

@@ -213,8 +213,7 @@ def convert_hf_to_megatron(hf_dir, save_dir, *, target_tensor_parallel_size: int
         count = fill_model(model, plan.mapping, plan.reader.get, cfg.vocab_size)
         plan.reader.close()
         filled = time.perf_counter()
-        save_model_checkpoint(model, cfg, tmp, iteration=0, tokenizer_dir=plan.hf_dir,
-                              extra_metadata={"source": source})
+        save_model_checkpoint(model, cfg, tmp, iteration=0, tokenizer_dir=plan.hf_dir, source=source)
         del model
     elapsed = time.perf_counter() - start
     log(f"wrote {plan.save_dir} ({count} tensors) in {elapsed:.1f} s "

@@ -14,11 +14,10 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_pref.checkpoint_format import CONFIG_FILE, TOKENIZER_DIR, copy_tokenizer, read_checkpoint_metadata
 from megatron_pref.convert import architectures as arch
-from megatron_pref.convert.checkpoint_io import (CONFIG_FILE, TOKENIZER_DIR, check_dist_checkpoint,
-                                                 check_tokenizer_files, checkpoint_tensor_dtype, copy_tokenizer,
-                                                 load_model_checkpoint, read_checkpoint_metadata,
-                                                 resolve_iteration_dir)
+from megatron_pref.convert.checkpoint_io import (check_dist_checkpoint, check_tokenizer_files, checkpoint_tensor_dtype,
+                                                 load_model_checkpoint, resolve_iteration_dir)
 from megatron_pref.convert.errors import ConversionError
 from megatron_pref.convert.mapping import VOCAB_KEYS, mapping_for, te_key, uses_te_names
 from megatron_pref.convert.runtime import (check_output_dir, single_process_parallel_state,

@@ -11,9 +11,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from megatron_pref.convert.checkpoint_io import (TOKENIZER_DIR, check_dist_checkpoint, check_tokenizer_files,
-                                                 load_model_checkpoint,
-                                                 read_checkpoint_metadata, read_model_config,
+from megatron_pref.checkpoint_format import TOKENIZER_DIR, read_checkpoint_metadata, read_model_config
+from megatron_pref.convert.checkpoint_io import (check_dist_checkpoint, check_tokenizer_files, load_model_checkpoint,
                                                  resolve_iteration_dir)
 from megatron_pref.convert.errors import ConversionError
 
@@ -254,8 +253,8 @@ def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pip
     a rank that returns first may have the others stopped). Bad input (directories, mismatched
     models, options) raises ConversionError before either model is built."""
     from megatron_pref.cli_errors import launched_by_torchrun
+    from megatron_pref.forked_ranks import run_on_ranks
     from megatron_pref.model import ParallelConfig
-    from megatron_pref.parallel import run_on_ranks
 
     if not (math.isfinite(atol) and atol >= 0):
         raise ConversionError(f"--atol must be a finite number >= 0, got {atol}")
