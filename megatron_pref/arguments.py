@@ -130,6 +130,9 @@ class RunConfig:
     logprob_chunk_tokens: int = 1024
     # Model flags given explicitly on the command line (checked against a loaded checkpoint).
     explicit_model_fields: dict = field(default_factory=dict)
+    # Compare checkpoint and preprocessed-data files with their recorded checksums on load
+    # (--no-verify-checksums: don't).
+    verify_checksums: bool = True
 
 
 def _flag(name: str) -> str:
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the distributed optimizer's state so it loads at any TP/PP/DP layout "
                         "(gathered per parameter); default: loads at another DP size only")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-verify-checksums", action="store_true",
+                   help="load checkpoints and preprocessed data without comparing their files with the checksums "
+                        "recorded when they were written (default: compare; a mismatch is an error)")
     g.add_argument("--finetune", action="store_true",
                    help="load --load's weights only: start at iteration 0 with a fresh optimizer, schedule and "
                         "data order; the reference is that checkpoint")
@@ -453,6 +459,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         skip_nonfinite_batches=args.skip_nonfinite_batches,
         logprob_chunk_tokens=args.logprob_chunk_tokens,
         explicit_model_fields=explicit,
+        verify_checksums=not args.no_verify_checksums,
     )
 
 

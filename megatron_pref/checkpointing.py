@@ -7,8 +7,9 @@ Layout (shared with the converters, see ``convert/checkpoint_io.py``)::
     DIR/tokenizer/                 tokenizer files, when known
     DIR/iter_0000100/              dist checkpoint: model, optimizer, rng, train_state
 
-Writes are atomic: every rank writes into ``iter_XXXXXXX.tmp``, then rank 0 renames it and
-only then rewrites ``latest``. A run killed mid-save leaves a ``.tmp`` directory that is
+Writes are atomic: every rank writes into ``iter_XXXXXXX.tmp``, the ranks record the checksums
+of its files (``checksums.json``, verified by every load), then rank 0 renames it and only then
+rewrites ``latest``. A run killed mid-save leaves a ``.tmp`` directory that is
 ignored (and removed by the next save); ``--load`` resumes from the last complete checkpoint.
 
 Model and optimizer states are sharded tensors, so a checkpoint saved at one TP/PP layout
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_pref.atomic import write_json_atomic, write_text_atomic
+from megatron_pref.checksums import verify_checksums, write_checksums
 from megatron_pref.convert.checkpoint_io import (CHECKPOINT_ID_KEY, CONFIG_FILE, FORMAT_VERSION, LATEST_FILE,
                                                  TOKENIZER_DIR, copy_tokenizer, iteration_name, load_sharded,
                                                  new_checkpoint_id, read_checkpoint_id, read_checkpoint_metadata)
@@ -299,6 +301,7 @@ def save_checkpoint(save_dir, model_chunks: list, optimizer, scheduler, state: T
     checkpoint_id = sharded[CHECKPOINT_ID_KEY] = new_checkpoint_id()
     dist_checkpointing.save(sharded, str(tmp))
     _barrier()
+    write_checksums(tmp)
     if _rank() == 0:
         if final.exists():  # re-saving the same iteration (e.g. after a resume)
             shutil.rmtree(final)
@@ -368,12 +371,15 @@ def validate_checkpoint_dir(load_dir, flag: str = "--load") -> Path:
 
 
 def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None,
-                    load_optimizer: bool = True, load_rng: bool = True) -> Optional[TrainState]:
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    verify: bool = True) -> Optional[TrainState]:
     """Load weights (always) and, when the checkpoint is a training one, the optimizer,
     scheduler, RNG and position in the data. Returns the TrainState, or None for a
     weights-only checkpoint (e.g. one converted from Hugging Face): training starts at 0.
+    ``verify``: compare the files with their recorded checksums first (collective).
     """
     path = validate_checkpoint_dir(load_dir)
+    verify_checksums(path, "--load", enabled=verify, error=CheckpointError)
     train_state = _common_state_at(path).get("train_state")
 
     # Sharded tensors are matched by their global keys, so the chunk grouping may differ.
@@ -424,11 +430,11 @@ def _load_sharded(request: dict, path: Path, model_chunks: list) -> dict:
     return load_sharded(request, path, modules, error=CheckpointError)
 
 
-def load_weights_only(load_dir, model_chunks: list, pinned: Optional[dict] = None) -> None:
+def load_weights_only(load_dir, model_chunks: list, pinned: Optional[dict] = None, verify: bool = True) -> None:
     """Reference / evaluation models: weights only, whatever else the checkpoint holds.
 
     ``pinned`` (from pin_checkpoint): load exactly that iteration, after checking its id;
-    without it, the iteration ``latest`` names."""
+    without it, the iteration ``latest`` names. ``verify``: as load_checkpoint's."""
     if pinned is None:
         path = validate_checkpoint_dir(load_dir)
     else:
@@ -436,6 +442,7 @@ def load_weights_only(load_dir, model_chunks: list, pinned: Optional[dict] = Non
         if problem:
             raise CheckpointError(problem)
         path = Path(pinned["path"]) / pinned["iteration"]
+    verify_checksums(path, "the reference checkpoint", enabled=verify, error=CheckpointError)
     _load_sharded(model_sharded_state_dict(model_chunks), path, model_chunks)
 
 

@@ -24,6 +24,7 @@ from megatron_pref.arguments import ConfigError, RunConfig, reference_cache_dir,
 from megatron_pref.checkpointing import (CheckpointError, TrainState, check_optimizer_resume, load_checkpoint,
                                          load_weights_only, pinned_checkpoint_problem, read_model_config,
                                          read_train_state, save_checkpoint, validate_checkpoint_dir)
+from megatron_pref.checksums import verify_checksums
 from megatron_pref.data.fingerprint import agreed_fingerprint, data_fingerprint, tree_fingerprint
 from megatron_pref.engine import (build_model_chunks, build_optimizer, build_scheduler, ddp_bucket_size, forward_only_pass,
                                   attach_token_normalisers, metric_sums_over_data_parallel, synchronize_params, train_step)
@@ -93,13 +94,14 @@ def build_data(run: RunConfig) -> DataBundle:
         raise DataError(f"{' and '.join(used)}: for raw .jsonl/.parquet files only, and the data given is "
                         f"preprocessed (give {'it' if len(used) == 1 else 'them'} to tools/preprocess_pref_data.py "
                         "instead)")
-    train = _open_split(train_files, tokenizer, raw_kwargs, "--data-path", used)
-    valid = _open_split(valid_files, tokenizer, raw_kwargs, "--valid-data-path", used) if valid_files else None
+    train = _open_split(train_files, tokenizer, raw_kwargs, "--data-path", used, run.verify_checksums)
+    valid = (_open_split(valid_files, tokenizer, raw_kwargs, "--valid-data-path", used, run.verify_checksums)
+             if valid_files else None)
     tokenizer_dir = tokenizer_path if os.path.isdir(tokenizer_path) else None
     return DataBundle(tokenizer, train, valid, train_files, valid_files, tokenizer_path, tokenizer_dir)
 
 
-def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags: list):
+def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags: list, verify: bool = True):
     """One split: raw files (tokenised now, with --strict / --data-field-map) or preprocessed
     prefixes (read one after the other). Errors are DataError naming ``flag``."""
     from megatron_pref.data.datasets import is_raw_data_file, open_preference_dataset
@@ -108,7 +110,7 @@ def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags:
     if not all(is_raw_data_file(p) for p in paths):
         if used_flags:
             logger.info("%s names preprocessed data: %s apply to the raw split only", flag, " and ".join(used_flags))
-        return open_preference_dataset(paths, tokenizer)
+        return open_preference_dataset(paths, tokenizer, verify=verify)
     dataset = open_preference_dataset(paths, tokenizer, **raw_kwargs)
     stats = getattr(dataset, "stats", None)
     if stats is not None and stats.num_skipped:
@@ -223,9 +225,9 @@ def _te_recipe_support(recipe: str):
     return check() if check is not None else None
 
 
-def _load_reference_weights(model_chunks, source: dict, model_cfg) -> None:
+def _load_reference_weights(model_chunks, source: dict, model_cfg, verify: bool = True) -> None:
     if source["kind"] == "checkpoint":
-        load_weights_only(source["path"], model_chunks, pinned=source)
+        load_weights_only(source["path"], model_chunks, pinned=source, verify=verify)
     else:
         for chunk in model_chunks:
             layout_invariant_init(chunk, model_cfg, source["seed"])
@@ -278,7 +280,7 @@ def _check_reference_available(run: RunConfig, source: Optional[dict], model_cfg
 def _reference_model(run: RunConfig, source: dict, model_cfg) -> list:
     chunks = build_model_chunks(model_cfg, run.parallel, run.precision, wrap_ddp=False,
                                 perform_initialization=False)
-    _load_reference_weights(chunks, source, model_cfg)
+    _load_reference_weights(chunks, source, model_cfg, verify=run.verify_checksums)
     return chunks
 
 
@@ -438,6 +440,12 @@ def train(run: RunConfig) -> dict:
     # at all is the first thing to say.
     if saved_state is not None and run.optim.train_iters:
         check_schedule(run, saved_state, run.optim.train_iters)
+    # Every byte of the checkpoints, after the cheap checks and before any process group.
+    if run.checkpoint.load:
+        verify_checksums(validate_checkpoint_dir(run.checkpoint.load), "--load", run.verify_checksums, CheckpointError)
+    if run.reference.ref_load:
+        verify_checksums(validate_checkpoint_dir(run.reference.ref_load, "--ref-load"), "--ref-load",
+                         run.verify_checksums, CheckpointError)
     data = build_data(run)
     check_scores(run, data)
     model_cfg = resolve_model_config(run, data.tokenizer.vocab_size, checkpoint_model)
@@ -492,12 +500,13 @@ def train(run: RunConfig) -> dict:
     scheduler = build_scheduler(optimizer, run.optim, train_iters, override=run.checkpoint.override_opt_param_scheduler)
     state = TrainState()
     if run.checkpoint.finetune:  # as Megatron-LM: the weights only; step 0, fresh optimizer and schedule
-        load_checkpoint(run.checkpoint.load, model_chunks, optimizer, None, load_optimizer=False, load_rng=False)
+        load_checkpoint(run.checkpoint.load, model_chunks, optimizer, None, load_optimizer=False, load_rng=False,
+                        verify=run.verify_checksums)
         logger.info("--finetune: starting at step 0 from the weights of %s", run.checkpoint.load)
     elif run.checkpoint.load:
         loaded = load_checkpoint(run.checkpoint.load, model_chunks, optimizer, scheduler,
                                  load_optimizer=not run.checkpoint.no_load_optim,
-                                 load_rng=not run.checkpoint.no_load_rng)
+                                 load_rng=not run.checkpoint.no_load_rng, verify=run.verify_checksums)
         if loaded is not None:
             state = loaded
             logger.info("resuming from %s at step %d (%d pairs consumed)", run.checkpoint.load,

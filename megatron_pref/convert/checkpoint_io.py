@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from megatron_pref.atomic import write_json_atomic, write_text_atomic  # noqa: F401  (re-exported)
+from megatron_pref.checksums import verify_checksums, write_checksums
 from megatron_pref.convert.errors import ConversionError, read_json_object
 from megatron_pref.model import ModelConfig, unwrap_model
 
@@ -144,6 +145,7 @@ def save_model_checkpoint(model, model_cfg: ModelConfig, out_dir, iteration: int
     checkpoint_id = new_checkpoint_id()
     dist_checkpointing.save({"model": _unwrap(model).sharded_state_dict(), CHECKPOINT_ID_KEY: checkpoint_id},
                             str(ckpt_dir))
+    write_checksums(ckpt_dir)
     if _rank() == 0:
         metadata = {"model": model_cfg.to_dict(), "format_version": FORMAT_VERSION, "source": {},
                     "checkpoints": {ckpt_dir.name: checkpoint_id}}
@@ -203,15 +205,18 @@ def resolve_iteration_dir(ckpt_dir, iteration: Optional[int] = None) -> Path:
     return path
 
 
-def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None) -> dict:
+def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None, verify: bool = True) -> dict:
     """Load the model state of ``ckpt_dir`` (its ``latest`` iteration) into this rank's ``model``.
 
     Collective. Works at any TP/PP: each rank reads its own shards of the global tensors.
-    Returns the checkpoint's metadata (``megatron_pref_config.json``).
+    Returns the checkpoint's metadata (``megatron_pref_config.json``). ``verify``: compare the
+    files with their recorded checksums first (``--no-verify-checksums`` turns it off).
     """
     metadata = read_checkpoint_metadata(ckpt_dir)
     module = _unwrap(model)
-    load_sharded({"model": module.sharded_state_dict()}, resolve_iteration_dir(ckpt_dir, iteration), {"model": module})
+    path = resolve_iteration_dir(ckpt_dir, iteration)
+    verify_checksums(path, "--load", enabled=verify, error=ConversionError)
+    load_sharded({"model": module.sharded_state_dict()}, path, {"model": module})
     return metadata
 
 
