@@ -131,6 +131,9 @@ class RunConfig:
     distributed_timeout_minutes: int = 10  # torch.distributed's collective timeout
     # Model flags given explicitly on the command line (checked against a loaded checkpoint).
     explicit_model_fields: dict = field(default_factory=dict)
+    # Compare checkpoint and preprocessed-data files with their recorded checksums on load
+    # (--no-verify-checksums: don't).
+    verify_checksums: bool = True
 
 
 def _flag(name: str) -> str:
@@ -254,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the distributed optimizer's state so it loads at any TP/PP/DP layout "
                         "(gathered per parameter); default: loads at another DP size only")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-verify-checksums", action="store_true",
+                   help="load checkpoints and preprocessed data without comparing their files with the checksums "
+                        "recorded when they were written (default: compare; a mismatch is an error)")
     g.add_argument("--finetune", action="store_true",
                    help="load --load's weights only: start at iteration 0 with a fresh optimizer, schedule and "
                         "data order; the reference is that checkpoint")
@@ -457,6 +463,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         logprob_chunk_tokens=args.logprob_chunk_tokens,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
         explicit_model_fields=explicit,
+        verify_checksums=not args.no_verify_checksums,
     )
 
 

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from megatron_pref.atomic import write_json_atomic, write_text_atomic
+from megatron_pref.checksums import write_checksums
 from megatron_pref.errors import UserError
 from megatron_pref.model import ModelConfig
 
@@ -214,7 +215,8 @@ def write_checkpoint(save_dir, iteration: int, sharded_state: dict, model_cfg: M
                      tokenizer_dir=None, flag: str = "--save") -> Path:
     """Save ``sharded_state`` as ``save_dir/iter_{iteration}``, atomically. Collective.
 
-    Every rank writes its shards into ``iter_XXXXXXX.tmp``; rank 0 then renames it, writes the
+    Every rank writes its shards into ``iter_XXXXXXX.tmp``, the ranks record the checksums of
+    its files (``checksums.json``, verified by every load); rank 0 then renames it, writes the
     config (``source``: the weights' provenance; the other iterations' ids are kept) and the
     tokenizer, and last ``latest``. Free space is checked first; a full disk is one line naming
     ``flag`` and the free space, with ``latest`` still on the last complete checkpoint."""
@@ -244,7 +246,7 @@ def write_checkpoint(save_dir, iteration: int, sharded_state: dict, model_cfg: M
         if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointFormatError(_no_space_message(save_dir, needed, flag, failed=True)) from None
-    barrier()
+    write_checksums(tmp)  # every file, before the directory becomes visible (barriers inside)
     if global_rank() == 0:
         # The iteration directory is complete here and not yet visible.
         if final.exists():  # re-saving the same iteration (e.g. after a resume)

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_pref.checksums import verify_checksums
 from megatron_pref import checkpoint_format as fmt
 from megatron_pref.checkpoint_format import (DIST_CHECKPOINT_FILES, LATEST_FILE, TOKENIZER_DIR, CheckpointFormatError,
                                              checkpoint_identity, latest_iteration_dir, load_sharded, read_json_object)
@@ -321,12 +322,15 @@ def validate_checkpoint_dir(load_dir, flag: str = "--load") -> Path:
 
 
 def load_checkpoint(load_dir, model_chunks: list, optimizer=None, scheduler=None,
-                    load_optimizer: bool = True, load_rng: bool = True) -> Optional[TrainState]:
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    verify: bool = True) -> Optional[TrainState]:
     """Load weights (always) and, when the checkpoint is a training one, the optimizer,
     scheduler, RNG and position in the data. Returns the TrainState, or None for a
     weights-only checkpoint (e.g. one converted from Hugging Face): training starts at 0.
+    ``verify``: compare the files with their recorded checksums first (collective).
     """
     path = validate_checkpoint_dir(load_dir)
+    verify_checksums(path, "--load", enabled=verify, error=CheckpointError)
     train_state = _common_state_at(path).get("train_state")
 
     # Sharded tensors are matched by their global keys, so the chunk grouping may differ.
@@ -377,11 +381,11 @@ def _load_sharded(request: dict, path: Path, model_chunks: list) -> dict:
     return load_sharded(request, path, modules, error=CheckpointError)
 
 
-def load_weights_only(load_dir, model_chunks: list, pinned: Optional[dict] = None) -> None:
+def load_weights_only(load_dir, model_chunks: list, pinned: Optional[dict] = None, verify: bool = True) -> None:
     """Reference / evaluation models: weights only, whatever else the checkpoint holds.
 
     ``pinned`` (from pin_checkpoint): load exactly that iteration, after checking its id;
-    without it, the iteration ``latest`` names."""
+    without it, the iteration ``latest`` names. ``verify``: as load_checkpoint's."""
     if pinned is None:
         path = validate_checkpoint_dir(load_dir)
     else:
@@ -389,6 +393,7 @@ def load_weights_only(load_dir, model_chunks: list, pinned: Optional[dict] = Non
         if problem:
             raise CheckpointError(problem)
         path = Path(pinned["path"]) / pinned["iteration"]
+    verify_checksums(path, "the reference checkpoint", enabled=verify, error=CheckpointError)
     _load_sharded(model_sharded_state_dict(model_chunks), path, model_chunks)
 
 

@@ -21,6 +21,7 @@ from megatron_pref import reference
 from megatron_pref.arguments import ConfigError, RunConfig, resolve_model_config
 from megatron_pref.checkpointing import (CheckpointError, check_save_dir, read_model_config, read_provenance,
                                          read_train_state, validate_checkpoint_dir)
+from megatron_pref.checksums import verify_checksums
 from megatron_pref.data.bundle import DataBundle, build_data, open_tokenizer
 from megatron_pref.model import (ModelConfig, PrecisionConfig, default_transformer_impl,
                                  local_norms_support_sequence_parallel)
@@ -76,13 +77,20 @@ def preflight(run: RunConfig, world_size: int) -> Plan:
     if saved_state is not None and run.optim.train_iters:
         check_schedule(run, saved_state, run.optim.train_iters)
 
-    # The data. (Checksum verification of the data files: here, before build_data opens them.)
+    # Every byte of the checkpoints, after the cheap checks and before any process group.
+    if run.checkpoint.load:
+        verify_checksums(validate_checkpoint_dir(run.checkpoint.load), "--load", run.verify_checksums, CheckpointError)
+    if run.reference.ref_load:
+        verify_checksums(validate_checkpoint_dir(run.reference.ref_load, "--ref-load"), "--ref-load",
+                         run.verify_checksums, CheckpointError)
+
+    # The data (its preprocessed files checked against their checksums as they are opened).
     data = build_data(run, tokenizer)
     check_scores(run, data)
     if saved_state is not None:
         check_run_record(run, data, saved_state)
 
-    # The reference: chosen and pinned. (Checksum verification of its checkpoint: right after.)
+    # The reference: chosen and pinned.
     source = reference.reference_source(run, saved_state)
     reference.check_reference_available(run, source, model, data)
     reference.check_save_keeps_reference(run, source, saved_state)

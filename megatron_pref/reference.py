@@ -250,9 +250,9 @@ def check_save_keeps_reference(run, reference: Optional[dict], saved_state: Opti
 
 # --------------------------------------------------------------------------- building
 
-def _load_reference_weights(model_chunks, source: dict, model_cfg) -> None:
+def _load_reference_weights(model_chunks, source: dict, model_cfg, verify: bool = True) -> None:
     if source["kind"] == "checkpoint":
-        load_weights_only(source["path"], model_chunks, pinned=source)
+        load_weights_only(source["path"], model_chunks, pinned=source, verify=verify)
     else:
         for chunk in model_chunks:
             layout_invariant_init(chunk, model_cfg, source["seed"])
@@ -305,7 +305,7 @@ def check_reference_available(run, source: Optional[dict], model_cfg, data) -> N
 def _reference_model(plan, source: dict, model_cfg) -> list:
     chunks = build_model_chunks(model_cfg, plan.run.parallel, plan.precision, wrap_ddp=False,
                                 perform_initialization=False)
-    _load_reference_weights(chunks, source, model_cfg)
+    _load_reference_weights(chunks, source, model_cfg, verify=plan.run.verify_checksums)
     return chunks
 
 

@@ -261,12 +261,13 @@ def _model_and_state(plan: Plan, train_iters: int) -> tuple:
     scheduler = build_scheduler(optimizer, run.optim, train_iters, override=run.checkpoint.override_opt_param_scheduler)
     state = TrainState()
     if run.checkpoint.finetune:  # as Megatron-LM: the weights only; step 0, fresh optimizer and schedule
-        load_checkpoint(run.checkpoint.load, model_chunks, optimizer, None, load_optimizer=False, load_rng=False)
+        load_checkpoint(run.checkpoint.load, model_chunks, optimizer, None, load_optimizer=False, load_rng=False,
+                        verify=run.verify_checksums)
         logger.info("--finetune: starting at step 0 from the weights of %s", run.checkpoint.load)
     elif run.checkpoint.load:
         loaded = load_checkpoint(run.checkpoint.load, model_chunks, optimizer, scheduler,
                                  load_optimizer=not run.checkpoint.no_load_optim,
-                                 load_rng=not run.checkpoint.no_load_rng)
+                                 load_rng=not run.checkpoint.no_load_rng, verify=run.verify_checksums)
         if loaded is not None:
             state = loaded
             logger.info("resuming from %s at step %d (%d pairs consumed)", run.checkpoint.load,

@@ -65,6 +65,34 @@ def _save_dir_of_another_model(tmp, request):
     config_path.write_text(json.dumps(config))
 
 
+def _damage_tensor_bytes(iteration_dir):
+    """256 bytes of the first tensor file overwritten in place (at 1,000,000, or mid-file for a
+    smaller one): same length, same name, same mtime (issue 16 item 3)."""
+    data = sorted(Path(iteration_dir).glob("*.distcp"))[0]
+    status = os.stat(data)
+    with open(data, "r+b") as f:
+        f.seek(min(1_000_000, status.st_size // 2))
+        original = f.read(256)
+        f.seek(-len(original), os.SEEK_CUR)
+        f.write(bytes(255 - b for b in original))
+    os.utime(data, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert os.path.getsize(data) == status.st_size
+
+
+def _damaged_checkpoint(tmp, request):
+    directory, _ = request.getfixturevalue("checkpoint")
+    shutil.copytree(directory / "ck", tmp / "ck")
+    _damage_tensor_bytes(tmp / "ck" / "iter_0000001")
+
+
+def _shuffled_bin(tmp, request):
+    """A preprocessed dataset whose .bin holds the same bytes in another order (same length)."""
+    for suffix in ("bin", "idx", "pairs.npy", "meta.json"):
+        shutil.copy(request.getfixturevalue("data_dir") / f"p1.{suffix}", tmp / f"p1.{suffix}")
+    tokens = np.fromfile(tmp / "p1.bin", dtype=np.uint16)
+    np.random.default_rng(0).permutation(tokens).tofile(tmp / "p1.bin")
+
+
 def _row(argv, first_line, code=2, absent=(), prepare=None, cwd=None, id=None):
     """``first_line``: a regex for the start of the one stderr line. ``absent``: paths relative to
     the working directory; ``runs`` (the default output location) is always checked."""
@@ -147,6 +175,23 @@ BAD_INPUTS = [
     # item 10: the collective timeout (Megatron-LM's flag), passed to init_process_group
     _row(["--distributed-timeout-minutes", "0"], "error: --distributed-timeout-minutes must be >= 1, got 0$",
          id="distributed-timeout-0"),
+    # item 3: damaged bytes of a checkpoint or a dataset, same length (only truncation was caught)
+    _row(["--load", "{tmp}/ck", "--finetune", "--train-iters", "1"],
+         r"error: --load {tmp}/ck/iter_0000001/__0_0.distcp: checksum mismatch \(the file changed after it was "
+         r"written\); pass --no-verify-checksums to load it anyway$", prepare=_damaged_checkpoint,
+         id="checkpoint-bytes-damaged"),
+    _row(["--ref-load", "{tmp}/ck", "--loss", "dpo", "--train-iters", "1", "--ref-cache-dir", "{tmp}/cache",
+          *MODEL_FLAGS],
+         r"error: --ref-load {tmp}/ck/iter_0000001/__0_0.distcp: checksum mismatch", absent=["cache"],
+         prepare=_damaged_checkpoint, id="reference-checkpoint-bytes-damaged"),
+    _row(["--load", "{tmp}/ck", "--finetune", "--train-iters", "1"],
+         r"error: --load {tmp}/ck/iter_0000001/checksums.json: cannot be read",
+         prepare=lambda tmp, request: (_damaged_checkpoint(tmp, request),
+                                       (tmp / "ck" / "iter_0000001" / "checksums.json").write_text("{")),
+         id="checkpoint-checksums-unreadable"),
+    _row(["--data-path", "{tmp}/p1", "--valid-data-path", "{tmp}/p1", *TOKENIZER, *MODEL_FLAGS],
+         r"error: {tmp}/p1.bin: checksum mismatch \(the file changed after it was written\); pass "
+         r"--no-verify-checksums to load it anyway$", prepare=_shuffled_bin, id="dataset-bin-shuffled"),
 ]
 
 
@@ -407,7 +452,33 @@ def test_damaged_preprocessed_data_is_one_error(data_dir, tmp_path, damage, mess
         with open(target, "r+b") as f:
             f.truncate(os.path.getsize(target) // 2)
     with pytest.raises(DataError, match=message):
-        _build(["--data-path", str(tmp_path / "p1")])
+        _build(["--data-path", str(tmp_path / "p1"), "--no-verify-checksums"])
+    if damage != "meta.json":  # the checksums that .meta.json records catch it first (issue 16 item 3)
+        with pytest.raises(DataError, match=rf"p1.{damage}: \d+ bytes, \d+ when it was written \(truncated"):
+            _build(["--data-path", str(tmp_path / "p1")])
+
+
+def test_shuffled_dataset_reads_only_without_the_check(data_dir, tmp_path, request, capsys):
+    """Controls for the table's dataset-bin-shuffled row: with --no-verify-checksums the same
+    shuffled .bin opens and yields other tokens without a word; data preprocessed before
+    checksums were recorded opens with one warning line."""
+    _shuffled_bin(tmp_path, request)
+    valid = ["--valid-data-path", str(data_dir / "p2")]
+    shuffled = _build(["--data-path", str(tmp_path / "p1"), "--no-verify-checksums"] + valid)
+    intact = _build(["--data-path", str(data_dir / "p1")] + valid)
+    assert len(shuffled.train) == len(intact.train)
+    assert any(shuffled.train[i].chosen_ids.tolist() != intact.train[i].chosen_ids.tolist()
+               for i in range(len(intact.train)))
+    assert capsys.readouterr().err == ""
+    for suffix in ("bin", "idx", "pairs.npy"):
+        shutil.copy(data_dir / f"p1.{suffix}", tmp_path / f"p1.{suffix}")
+    meta = json.loads((data_dir / "p1.meta.json").read_text())
+    del meta["checksums"]
+    (tmp_path / "p1.meta.json").write_text(json.dumps(meta))
+    assert len(_build(["--data-path", str(tmp_path / "p1")] + valid).train) == len(intact.train)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path}/p1.meta.json: no checksums (preprocessed before they were recorded): the dataset is "
+        "read unverified"]
 
 
 def test_damaged_reference_cache_is_recomputed(tmp_path):
@@ -495,9 +566,67 @@ def test_damaged_tensor_data_names_the_cause(checkpoint, tmp_path):
             f.truncate(os.path.getsize(data) // 2)
 
     argv, damaged = _damaged(checkpoint, tmp_path, truncate)
+    # The recorded checksums catch it first, before any process group (issue 16 item 3) ...
+    from megatron_pref.training import train
+
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: \d+ bytes, \d+ when it was written \(truncated"):
+        train(parse_run_config(argv + ["--load", damaged]))
+    # ... and without them, reading the tensors does.
     with pytest.raises(RuntimeError, match=r"cannot load the checkpoint's tensors \(EOFError: a file of the "
                                            r"checkpoint ends early"):
-        run_on_ranks(_train, 1, ParallelConfig(), argv + ["--load", damaged], init_parallel=False)
+        run_on_ranks(_train, 1, ParallelConfig(), argv + ["--load", damaged, "--no-verify-checksums"],
+                     init_parallel=False)
+
+
+class _ProcessGroupReached(Exception):
+    pass
+
+
+def _run_until_process_group(argv, monkeypatch) -> None:
+    """pretrain_pref.main through every check, stopped where the process groups would start."""
+    def stop(*args, **kwargs):
+        raise _ProcessGroupReached
+
+    with monkeypatch.context() as patch, pytest.raises(_ProcessGroupReached):
+        patch.setattr("megatron_pref.parallel.initialize", stop)
+        _pretrain_main()(argv)
+
+
+def test_every_checkpoint_file_is_checksummed_when_saved(checkpoint):
+    """checksums.json lists every file of the iteration directory, with its size and XXH3-128."""
+    import xxhash
+
+    iteration = checkpoint[0] / "ck" / "iter_0000001"
+    manifest = json.loads((iteration / "checksums.json").read_text())
+    files = sorted(p.name for p in iteration.iterdir() if p.name != "checksums.json")
+    assert sorted(manifest["files"]) == files and any(f.endswith(".distcp") for f in files)
+    for name in files:
+        data = (iteration / name).read_bytes()
+        assert manifest["files"][name] == {"size": len(data), "digest": xxhash.xxh3_128(data).hexdigest()}
+
+
+def test_damaged_checkpoint_loads_only_without_the_check(checkpoint, tmp_path, monkeypatch, capsys):
+    """Controls for the table's checkpoint-bytes-damaged row: the same damaged copy passes every
+    other check with --no-verify-checksums, and then loads and trains without a word (the
+    silent failure the check prevents); an intact copy passes with the check."""
+    from megatron_pref.testing import run_on_ranks
+
+    argv, damaged = _damaged(checkpoint, tmp_path, lambda ck, iteration: _damage_tensor_bytes(iteration))
+    _run_until_process_group(argv + ["--load", damaged, "--no-verify-checksums"], monkeypatch)
+    _run_until_process_group(argv + ["--load", str(checkpoint[0] / "ck")], monkeypatch)
+    assert capsys.readouterr().err == ""
+    result = run_on_ranks(_train, 1, ParallelConfig(), argv + ["--load", damaged, "--no-verify-checksums",
+                                                               "--finetune"], init_parallel=False)[0]
+    assert result["iteration"] == 1
+
+
+def test_checkpoint_without_checksums_loads_with_one_warning(checkpoint, tmp_path, monkeypatch, capsys):
+    """A checkpoint saved before checksums were recorded (no checksums.json): one warning line."""
+    argv, old = _damaged(checkpoint, tmp_path, lambda ck, it: (it / "checksums.json").unlink())
+    _run_until_process_group(argv + ["--load", old], monkeypatch)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: --load {old}/iter_0000001: no checksums.json (saved before checksums were recorded): its files "
+        "are loaded unverified"]
 
 
 # --------------------------------------------------------------------------- scores and small splits

@@ -139,6 +139,10 @@ def _main_of(tool: str):
         from megatron_pref.convert.cli import megatron_to_hf_main
 
         return megatron_to_hf_main
+    if tool == "verify_conversion":
+        from megatron_pref.convert.cli import verify_main
+
+        return verify_main
     return load_tool(tool).main
 
 
@@ -152,17 +156,60 @@ TOOL_BAD_INPUTS = [
     pytest.param("convert_megatron_to_hf", ["--load", "{same}", "--save", "{tmp}/out", "--iteration", "99"],
                  ["--iteration 99: ", "has no iter_0000099; available iterations: 0"], ["out"],
                  id="export-missing-iteration"),
+    # issue 16 item 3: 256 bytes of a tensor file overwritten (same length) loaded silently
+    pytest.param("convert_megatron_to_hf", ["--load", "{damaged}", "--save", "{tmp}/out"],
+                 ["--load {damaged}/iter_0000000/__0_0.distcp: checksum mismatch (the file changed after it was "
+                  "written); pass --no-verify-checksums to load it anyway"], ["out"], id="export-damaged-bytes"),
+    pytest.param("verify_conversion", ["--hf-dir", "{hf}", "--load", "{damaged}"],
+                 ["--load {damaged}/iter_0000000/__0_0.distcp: checksum mismatch"], [], id="verify-damaged-bytes"),
 ]
 
 
+@pytest.fixture(scope="module")
+def damaged(models):
+    """A real conversion of the `models` GPT-2 (tensors and checksums), 256 bytes of its tensor
+    file overwritten in place: same length (tests/test_inputs.py damages training checkpoints
+    the same way)."""
+    from megatron_pref.convert.cli import hf_to_megatron_main
+    from tests.test_inputs import _damage_tensor_bytes
+
+    directory = models["root"] / "damaged_mc"
+    assert hf_to_megatron_main(["--hf-dir", str(models["hf"]), "--save", str(directory)]) == 0
+    _damage_tensor_bytes(directory / iteration_name(0))
+    return directory
+
+
 @pytest.mark.parametrize("tool,argv,needles,absent", TOOL_BAD_INPUTS)
-def test_tool_bad_input_table(tool, argv, needles, absent, models, tmp_path, monkeypatch, capsys):
+def test_tool_bad_input_table(tool, argv, needles, absent, models, tmp_path, monkeypatch, capsys, request):
     monkeypatch.chdir(tmp_path)
-    places = {"tmp": str(tmp_path), "same": str(models["same"])}
-    check_main(capsys, _main_of(tool), [a.format(**places) for a in argv], *needles)
+    places = {"tmp": str(tmp_path), "same": str(models["same"]), "hf": str(models["hf"])}
+    if any("{damaged}" in a for a in argv):
+        places["damaged"] = str(request.getfixturevalue("damaged"))
+    check_main(capsys, _main_of(tool), [a.format(**places) for a in argv], *[n.format(**places) for n in needles])
     for path in absent:
         assert not (tmp_path / path).exists(), path
     assert not os.listdir(tmp_path)
+
+
+def test_damaged_checkpoint_exports_only_without_the_check(damaged, models, tmp_path, capsys):
+    """Control for the export-damaged-bytes row: --no-verify-checksums exports the same damaged
+    checkpoint without a word, and its weights differ from the intact model's (the silent
+    failure the check prevents)."""
+    from safetensors.torch import load_file
+
+    from megatron_pref.convert.cli import megatron_to_hf_main
+
+    assert megatron_to_hf_main(["--load", str(damaged), "--save", str(tmp_path / "out"),
+                                "--no-verify-checksums"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+    def tensors(directory):
+        return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    exported, intact = tensors(tmp_path / "out"), tensors(models["hf"])
+    assert exported.keys() & intact.keys()
+    changed = [k for k in exported if k in intact and not (exported[k].float() == intact[k].float()).all()]
+    assert changed
 
 
 def test_bench_writes_where_bench_out_says(tmp_path, monkeypatch):

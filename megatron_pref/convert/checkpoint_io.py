@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from megatron_pref.checksums import verify_checksums
 from megatron_pref.checkpoint_format import (LATEST_FILE, iteration_name, latest_iteration_dir, load_sharded,
                                              read_checkpoint_metadata, write_checkpoint)
 from megatron_pref.convert.errors import ConversionError, read_json_object
@@ -84,16 +85,18 @@ def resolve_iteration_dir(ckpt_dir, iteration: Optional[int] = None) -> Path:
     return path
 
 
-def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None) -> dict:
+def load_model_checkpoint(model, ckpt_dir, iteration: Optional[int] = None, verify: bool = True) -> dict:
     """Load the model state of ``ckpt_dir`` (its ``latest`` iteration) into this rank's ``model``.
 
     Collective. Works at any TP/PP: each rank reads its own shards of the global tensors.
-    Returns the checkpoint's metadata (``megatron_pref_config.json``).
+    Returns the checkpoint's metadata (``megatron_pref_config.json``). ``verify``: compare the
+    files with their recorded checksums first (``--no-verify-checksums`` turns it off).
     """
     metadata = read_checkpoint_metadata(ckpt_dir)
     module = _unwrap(model)
-    load_sharded({"model": module.sharded_state_dict()}, resolve_iteration_dir(ckpt_dir, iteration), {"model": module},
-                 error=ConversionError)
+    path = resolve_iteration_dir(ckpt_dir, iteration)
+    verify_checksums(path, "--load", enabled=verify, error=ConversionError)
+    load_sharded({"model": module.sharded_state_dict()}, path, {"model": module}, error=ConversionError)
     return metadata
 
 

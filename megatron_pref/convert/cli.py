@@ -117,6 +117,9 @@ def megatron_to_hf_parser() -> argparse.ArgumentParser:
                    help="dtype of the written tensors (auto: as stored)")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
     p.add_argument("--force", action="store_true", help="replace a non-empty --save directory")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="load the checkpoint without comparing its files with the checksums recorded when it "
+                        "was saved (default: compare; a mismatch is an error)")
     return p
 
 
@@ -127,7 +130,8 @@ def megatron_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_pref.convert.megatron_to_hf import convert_megatron_to_hf
 
         convert_megatron_to_hf(args.load, args.save, force=args.force, model_type=args.model_type,
-                               dtype=args.dtype, max_shard_size=args.max_shard_size, iteration=args.iteration)
+                               dtype=args.dtype, max_shard_size=args.max_shard_size, iteration=args.iteration,
+                               verify=not args.no_verify_checksums)
         return EXIT_OK
 
     return _run(body, megatron_to_hf_parser(), argv)
@@ -152,6 +156,9 @@ def verify_parser() -> argparse.ArgumentParser:
     source.add_argument("--random-tokens", type=_positive, default=None,
                         help="use N fixed pseudo-random token ids instead of text (used when there is no "
                              "tokenizer); at most the model's max_position_embeddings and 4096")
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="load the checkpoint without comparing its files with the checksums recorded when it "
+                        "was saved (default: compare; a mismatch is an error)")
     return p
 
 
@@ -183,7 +190,8 @@ def verify_main(argv: Optional[Sequence[str]] = None) -> int:
         result = verify_conversion(args.hf_dir, args.load, args.tensor_model_parallel_size,
                                    args.pipeline_model_parallel_size, atol=args.atol,
                                    min_argmax_agreement=args.min_argmax_agreement, text=args.text,
-                                   random_tokens=args.random_tokens, report=report)
+                                   random_tokens=args.random_tokens, report=report,
+                                   verify=not args.no_verify_checksums)
         return EXIT_OK if result.passed else EXIT_VERIFY_FAILED
 
     return _run(body, verify_parser(), argv)

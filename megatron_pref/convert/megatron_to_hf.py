@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_pref.checksums import verify_checksums
 from megatron_pref.checkpoint_format import CONFIG_FILE, TOKENIZER_DIR, copy_tokenizer, read_checkpoint_metadata
 from megatron_pref.convert import architectures as arch
 from megatron_pref.convert.checkpoint_io import (check_dist_checkpoint, check_tokenizer_files, checkpoint_tensor_dtype,
@@ -28,8 +29,10 @@ from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig
 
 def convert_megatron_to_hf(load_dir, save_dir, *, force: bool = False, model_type: Optional[str] = None,
                            dtype: Optional[str] = None, max_shard_size: str = "5GB",
-                           iteration: Optional[int] = None, log: Callable[[str], None] = print) -> dict:
-    """Convert; returns a summary dict. Raises ConversionError (nothing written) on bad input."""
+                           iteration: Optional[int] = None, log: Callable[[str], None] = print,
+                           verify: bool = True) -> dict:
+    """Convert; returns a summary dict. Raises ConversionError (nothing written) on bad input.
+    ``verify``: compare the checkpoint's files with their recorded checksums first."""
     from megatron_pref.model import build_gpt_model
 
     start = time.perf_counter()
@@ -54,6 +57,7 @@ def convert_megatron_to_hf(load_dir, save_dir, *, force: bool = False, model_typ
         raise ConversionError(f"unsupported --model-type {model_type!r}; supported: {arch.supported_list()}")
     arch.check_exportable(model_type, cfg)
     check_dist_checkpoint(load_dir, iteration)
+    verify_checksums(resolve_iteration_dir(load_dir, iteration), "--load", verify, ConversionError)
     check_tokenizer_files(load_dir / TOKENIZER_DIR)
     base_config = source.get("hf_config") if source.get("model_type") == model_type else None
     base_config = base_config if isinstance(base_config, dict) else None
@@ -64,7 +68,7 @@ def convert_megatron_to_hf(load_dir, save_dir, *, force: bool = False, model_typ
         model = build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(bf16=stored == torch.bfloat16,
                                                                        transformer_impl="local"),
                                 perform_initialization=False)
-        load_model_checkpoint(model, load_dir, iteration=iteration)
+        load_model_checkpoint(model, load_dir, iteration=iteration, verify=verify)
         state = model.state_dict()
         te = uses_te_names(state)
         vocab = cfg.vocab_size

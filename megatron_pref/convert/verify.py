@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from megatron_pref.checksums import verify_checksums
 from megatron_pref.checkpoint_format import TOKENIZER_DIR, read_checkpoint_metadata, read_model_config
 from megatron_pref.convert.checkpoint_io import (check_dist_checkpoint, check_tokenizer_files, load_model_checkpoint,
                                                  resolve_iteration_dir)
@@ -160,9 +161,10 @@ def hf_logits(hf_dir, tokens: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def megatron_logits(load_dir, tokens: Sequence[int], transformer_impl: str = "local") -> Optional[torch.Tensor]:
+def megatron_logits(load_dir, tokens: Sequence[int], transformer_impl: str = "local",
+                    verify: bool = True) -> Optional[torch.Tensor]:
     """Run on every rank (parallel state initialised): [T, V] fp32 logits on the last pipeline
-    stage's TP rank 0 (vocab padding removed), None elsewhere."""
+    stage's TP rank 0 (vocab padding removed), None elsewhere. ``verify``: as load_model_checkpoint's."""
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -174,7 +176,7 @@ def megatron_logits(load_dir, tokens: Sequence[int], transformer_impl: str = "lo
     # Every weight comes from the checkpoint (strict load): skip the random initialisation.
     model = build_gpt_model(cfg, ParallelConfig(tp, pp), PrecisionConfig(bf16=False, transformer_impl=transformer_impl),
                             perform_initialization=False)
-    load_model_checkpoint(model, load_dir)
+    load_model_checkpoint(model, load_dir, verify=verify)
     model.eval()
     device = next(model.parameters()).device
     ids = torch.tensor(list(tokens), dtype=torch.long, device=device)
@@ -245,13 +247,14 @@ def _rank_error(exc: RuntimeError) -> Optional[str]:
 def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                       atol: float = 1e-4, min_argmax_agreement: float = 1.0, text: Optional[str] = None,
                       random_tokens: Optional[int] = None, tokens: Optional[Sequence[int]] = None,
-                      report: Optional[Callable[[VerifyResult], None]] = None) -> VerifyResult:
+                      report: Optional[Callable[[VerifyResult], None]] = None, verify: bool = True) -> VerifyResult:
     """Compare the two models at TP x PP ranks: gloo ranks forked from this process (CPU), or,
     under torchrun, torchrun's ranks (exactly TP x PP of them; every rank returns the result).
 
     ``report(result)`` is called once, on one process, before any rank returns (under torchrun
     a rank that returns first may have the others stopped). Bad input (directories, mismatched
-    models, options) raises ConversionError before either model is built."""
+    models, options, files that differ from their checksums unless ``verify`` is False) raises
+    ConversionError before either model is built."""
     from megatron_pref.cli_errors import launched_by_torchrun
     from megatron_pref.forked_ranks import run_on_ranks
     from megatron_pref.model import ParallelConfig
@@ -271,16 +274,18 @@ def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pip
         raise ConversionError(f"tokens must be ids below {cfg.vocab_size}, at most {cfg.max_position_embeddings} "
                               f"of them")
     check_dist_checkpoint(load_dir)
+    verify_checksums(resolve_iteration_dir(load_dir), "--load", verify, ConversionError)
     world = tensor_model_parallel_size * pipeline_model_parallel_size
     if launched_by_torchrun():
         if int(os.environ.get("WORLD_SIZE", "1")) != world:
             raise ConversionError(f"torchrun started {os.environ.get('WORLD_SIZE')} rank(s); TP x PP = {world} "
                                   f"are needed")
         return _verify_on_torchrun_ranks(hf_dir, load_dir, parallel, list(tokens), atol, min_argmax_agreement,
-                                         info.get("truncated_from"), report)
+                                         info.get("truncated_from"), report, verify)
     reference = hf_logits(hf_dir, tokens)
     try:
-        results = run_on_ranks(megatron_logits, world, parallel, str(load_dir), list(tokens))
+        # The files were just verified (above): the ranks need not hash them again.
+        results = run_on_ranks(megatron_logits, world, parallel, str(load_dir), list(tokens), "local", False)
     except RuntimeError as exc:
         message = _rank_error(exc)
         if message is None:
@@ -295,7 +300,7 @@ def verify_conversion(hf_dir, load_dir, tensor_model_parallel_size: int = 1, pip
 
 
 def _verify_on_torchrun_ranks(hf_dir, load_dir, parallel, tokens: list, atol: float, min_argmax_agreement: float,
-                              truncated_from: Optional[int], report) -> VerifyResult:
+                              truncated_from: Optional[int], report, verify: bool = True) -> VerifyResult:
     """torchrun's ranks are the TP x PP ranks. The rank that ends up with the full logits also
     runs the HF model and compares; every rank receives the result; rank 0 reports it before
     the last collective, so no rank exits before the report is out."""
@@ -307,7 +312,7 @@ def _verify_on_torchrun_ranks(hf_dir, load_dir, parallel, tokens: list, atol: fl
     # model on the CPU): a generous collective timeout.
     process_groups.initialize(parallel, seed=1234, timeout_minutes=120)
     try:
-        ours = megatron_logits(load_dir, tokens)
+        ours = megatron_logits(load_dir, tokens, verify=verify)
         mine = None
         if ours is not None:
             mine = compare_logits(ours, hf_logits(hf_dir, tokens), atol=atol,

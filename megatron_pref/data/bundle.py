@@ -79,13 +79,15 @@ def build_data(run, tokenizer: Optional[Tokenizer] = None) -> DataBundle:
         raise DataError(f"{' and '.join(used)}: for raw .jsonl/.parquet files only, and the data given is "
                         f"preprocessed (give {'it' if len(used) == 1 else 'them'} to tools/preprocess_pref_data.py "
                         "instead)")
-    train = _open_split(train_files, tokenizer.tokenizer, raw_kwargs, "--data-path", used)
-    valid = _open_split(valid_files, tokenizer.tokenizer, raw_kwargs, "--valid-data-path", used) if valid_files else None
+    verify = run.verify_checksums
+    train = _open_split(train_files, tokenizer.tokenizer, raw_kwargs, "--data-path", used, verify)
+    valid = (_open_split(valid_files, tokenizer.tokenizer, raw_kwargs, "--valid-data-path", used, verify)
+             if valid_files else None)
     tokenizer_dir = tokenizer.path if os.path.isdir(tokenizer.path) else None
     return DataBundle(tokenizer.tokenizer, train, valid, train_files, valid_files, tokenizer.path, tokenizer_dir)
 
 
-def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags: list):
+def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags: list, verify: bool = True):
     """One split: raw files (tokenised now, with --strict / --data-field-map) or preprocessed
     prefixes (read one after the other). Errors are DataError naming ``flag``."""
     from megatron_pref.data.datasets import is_raw_data_file, open_preference_dataset
@@ -94,7 +96,7 @@ def _open_split(paths: list, tokenizer, raw_kwargs: dict, flag: str, used_flags:
     if not all(is_raw_data_file(p) for p in paths):
         if used_flags:
             logger.info("%s names preprocessed data: %s apply to the raw split only", flag, " and ".join(used_flags))
-        return open_preference_dataset(paths, tokenizer)
+        return open_preference_dataset(paths, tokenizer, verify=verify)
     dataset = open_preference_dataset(paths, tokenizer, **raw_kwargs)
     stats = getattr(dataset, "stats", None)
     if stats is not None and stats.num_skipped:

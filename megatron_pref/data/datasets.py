@@ -12,8 +12,9 @@ On-disk format written by ``tools/preprocess_pref_data.py`` for a prefix ``P``:
   absent), ``source_file`` (index into ``meta["inputs"]``), ``source_row``
   (1-based line / row number).
 * ``P.meta.json`` -- format version, tokenizer (type, path, vocab size,
-  BOS/EOS/pad ids), options and the processing summary. It is renamed into
-  place last and marks a complete dataset.
+  BOS/EOS/pad ids), options, the processing summary and the checksums of the
+  three files above (megatron_pref.checksums, compared on every load). It is
+  renamed into place last and marks a complete dataset.
 
 Both dataset classes expose ``__len__``, ``__getitem__(i) -> TokenizedPair``
 (``pair_id == i``), ``lengths() -> int64 [N, 3]`` (prompt, chosen, rejected
@@ -31,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..checksums import record, verify_dataset
 from .errors import DataError
 from .pairs import ProcessOptions, ProcessStats, TokenizedPair, process_row, validate_length_options
 from .readers import check_input_files, decode_payload, iter_raw_chunks, parse_field_map
@@ -49,6 +51,10 @@ PAIR_INDEX_DTYPE = np.dtype(
         ("source_row", "<i8"),
     ]
 )
+
+
+# The files whose checksums .meta.json records (key of output_paths -> suffix).
+CHECKSUMMED = {"bin": ".bin", "idx": ".idx", "pairs": ".pairs.npy"}
 
 
 def token_dtype(vocab_size: int):
@@ -151,7 +157,7 @@ class PreferenceDatasetWriter:
             with open(self.tmp["pairs_raw"], "rb") as raw:
                 shutil.copyfileobj(raw, out, 16 << 20)
         os.remove(self.tmp["pairs_raw"])
-        meta = dict(meta)
+        meta = dict(meta, checksums=record({sfx: self.tmp[k] for k, sfx in CHECKSUMMED.items()}))
         meta.update(
             format=FORMAT_NAME,
             version=FORMAT_VERSION,
@@ -229,7 +235,7 @@ class PreferenceDataset:
     ``PreferenceDataset(prefix)[i]`` reads pair ``i``'s tokens from the mmapped
     ``.bin`` (no tokenisation at train time)."""
 
-    def __init__(self, prefix: str, mmap: bool = True):
+    def __init__(self, prefix: str, mmap: bool = True, verify: bool = True):
         paths = output_paths(prefix)
         if not os.path.exists(paths["meta"]):
             raise DataError(
@@ -249,6 +255,7 @@ class PreferenceDataset:
             if not os.path.exists(paths[k]):
                 raise DataError(f"incomplete preference dataset: missing {paths[k]}")
         self.prefix = prefix
+        verify_dataset(self.meta, {sfx: paths[k] for k, sfx in CHECKSUMMED.items()}, paths["meta"], verify, DataError)
         self._ds = _open_indexed_dataset(prefix, mmap)
         try:
             self.pairs = np.load(paths["pairs"], mmap_mode="r")
@@ -428,10 +435,11 @@ def is_raw_data_file(path) -> bool:
     return os.fspath(path).lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)
 
 
-def open_preference_dataset(path: str, tokenizer=None, **kwargs):
+def open_preference_dataset(path: str, tokenizer=None, verify: bool = True, **kwargs):
     """JSONL/Parquet files (tokenised in memory with ``tokenizer``; ``kwargs`` go to
     :meth:`InMemoryPreferenceDataset.from_files`) or preprocessed prefixes (memory-mapped,
-    several read one after the other)."""
+    several read one after the other; ``verify``: compare their files with the checksums
+    recorded by the preprocessing)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     raw = [is_raw_data_file(p) for p in paths]
     if all(raw):
@@ -442,7 +450,7 @@ def open_preference_dataset(path: str, tokenizer=None, **kwargs):
         raise DataError("give either raw .jsonl/.parquet files or preprocessed prefixes, not both: "
                         + ", ".join(os.fspath(p) for p, r in zip(paths, raw) if r) + " are raw, "
                         + ", ".join(os.fspath(p) for p, r in zip(paths, raw) if not r) + " are not")
-    parts = [PreferenceDataset(os.fspath(p)) for p in paths]
+    parts = [PreferenceDataset(os.fspath(p), verify=verify) for p in paths]
     if tokenizer is not None:
         for part in parts:
             part.check_tokenizer(tokenizer)

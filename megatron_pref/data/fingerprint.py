@@ -1,13 +1,15 @@
 """Content identity of files: a streaming hash of every byte.
 
-The reference cache (and, later, checkpoint and dataset checksums) is keyed by what the files
+The reference cache is keyed by what the files
 hold, not by their names, sizes or timestamps: a same-size edit in the middle of a 100 GB file
 must change the key. xxHash's XXH3-128 streams at memory speed (tools/benchmark_hashing.py
 measures it: ~10x sha256 on one core), so hashing is bound by the disk, and it happens once
 per run, only where a precomputed reference needs the key.
 
-No digest is remembered between runs. A memo keyed by (inode, size, mtime, ctime) would be
-cheap, but mtime can be set by anyone (``touch -d``, ``rsync -t``, ``cp -p``), and ctime is
+No digest is remembered between runs. (Within one process, megatron_pref.checksums.file_digest,
+the one hashing routine, hashes a file once while its status is unchanged, so that the checksum
+check of a dataset and its fingerprint read it once.) A memo kept across runs, keyed by (inode,
+size, mtime, ctime), would be cheap, but mtime can be set by anyone (``touch -d``, ``rsync -t``, ``cp -p``), and ctime is
 not trustworthy on every filesystem a cluster mounts (FUSE and object-store mounts, some
 network filesystems, report synthetic values): one wrong memo hit silently trains on stale
 reference log-probs, which costs far more than re-reading the data at disk speed.
@@ -20,22 +22,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import xxhash
 
-ALGORITHM = "xxh3_128"
-CHUNK_BYTES = 8 << 20  # large sequential reads; the buffer is reused
-
-
-def file_digest(path: str, chunk_bytes: int = CHUNK_BYTES) -> str:
-    """Hex XXH3-128 of every byte of ``path``."""
-    hasher = xxhash.xxh3_128()
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            n = handle.readinto(buffer)
-            if not n:
-                break
-            hasher.update(view[:n])
-    return hasher.hexdigest()
+from megatron_pref.checksums import ALGORITHM, CHUNK_BYTES, file_digest  # noqa: F401  (the one hashing routine)
 
 
 def files_digest(entries: Iterable[Tuple[str, str]]) -> str:
