@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_pref.checkpointing import latest_iteration_dir
+from megatron_pref.checkpoint_format import latest_iteration_dir
 
 EXIT_RANK_STOPPED = 1
 # What torch.distributed raises on a rank whose peer is gone (gloo) or does not answer.
