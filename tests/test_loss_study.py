@@ -111,3 +111,70 @@ def test_negative_control_spo_target_out_of_reach(study, tmp_path):
     control = json.loads((tmp_path / "results.json").read_text())
     control["runs"]["clean"]["dpo"] = first_results["runs"]["clean"]["dpo"]
     assert not spo_settles_while_dpo_grows(control)
+
+
+# --- megatron_pref.study_metrics: closed forms (no training) ------------------------------------
+
+@pytest.fixture
+def study_on():
+    from megatron_pref import study_metrics
+
+    study_metrics.enable()
+    yield
+    study_metrics.enable(False)
+
+
+def _stats(torch):
+    from megatron_pref.losses import PairStats
+
+    return PairStats(chosen_logps=torch.tensor([-2.0, -5.0, -1.0]), rejected_logps=torch.tensor([-3.0, -4.0, -9.5]),
+                     chosen_lengths=torch.tensor([2.0, 4.0, 1.0]), rejected_lengths=torch.tensor([2.0, 3.0, 5.0]),
+                     ref_chosen_logps=torch.tensor([-2.5, -4.0, -1.5]), ref_rejected_logps=torch.tensor([-2.5, -4.5, -3.0]),
+                     rejected_token_logps=torch.tensor([-1.0, -2.0, -12.0, -0.5, -20.0, -1.0, -1.0, -1.0, -1.0, -1.0]))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "spo"])
+def test_gradient_weight_closed_form(study_on, loss):
+    """|dL/dh| per pair: DPO's beta*sigmoid(-beta*h); SPO's beta/target*(z-1)e^-z, signed."""
+    import torch
+
+    from megatron_pref.losses import LossConfig, compute_loss
+
+    config = LossConfig(beta=0.5, spo_target_margin=0.8)
+    stats = _stats(torch)
+    metrics = compute_loss(loss, stats, config).metrics
+    h = (stats.chosen_logps - stats.ref_chosen_logps) - (stats.rejected_logps - stats.ref_rejected_logps)
+    if loss == "dpo":
+        expected = -0.5 * torch.sigmoid(-0.5 * h)
+    else:
+        z = 0.5 * h / 0.8
+        expected = 0.5 / 0.8 * (z - 1) * torch.exp(-z)
+    torch.testing.assert_close(metrics["study/grad_h_signed"], expected)
+    torch.testing.assert_close(metrics["study/abs_grad_h"], expected.abs())
+    torch.testing.assert_close(metrics["study/h"], h)
+    torch.testing.assert_close(metrics["study/logps_chosen_per_token"], torch.tensor([-1.0, -1.25, -1.0]))
+    # 2 of the 10 rejected tokens are below log(1e-4) = -9.21: pair-averaged counts 2/3 and 10/3.
+    torch.testing.assert_close(metrics["study/rejected_tokens_collapsed"] / metrics["study/rejected_tokens"],
+                               torch.full((3,), 0.2))
+    bins = torch.stack([metrics[f"study/grad_h_bin{k}"] for k in range(8)])
+    torch.testing.assert_close(bins.sum(0), torch.ones(3))
+    if loss == "dpo":  # pair 2 (h = 7): weight 0.5*sigmoid(-3.5) = 0.0146, log10 -1.84: bin 5 = [-2, -1)
+        assert bins[:, 2].tolist() == [0, 0, 0, 0, 0, 1, 0, 0]
+
+
+def test_study_metrics_are_opt_in():
+    """Control: off (the default) no study/* metric is computed, and reference-free losses stay so."""
+    import torch
+
+    from megatron_pref import study_metrics
+    from megatron_pref.losses import LossConfig, compute_loss, requires_reference
+
+    assert not study_metrics.enabled()
+    assert not any(k.startswith("study/") for k in compute_loss("dpo", _stats(torch), LossConfig()).metrics)
+    assert not requires_reference("simpo")
+    study_metrics.enable()
+    try:
+        assert requires_reference("simpo")
+        assert "study/h" in compute_loss("simpo", _stats(torch), LossConfig()).metrics
+    finally:
+        study_metrics.enable(False)
