@@ -965,7 +965,9 @@ def main(argv=None) -> int:
     if args.from_results:
         return finish(results, out)
     began = time.time()
-    command = "python tools/loss_study.py " + " ".join(shlex.quote(a) for a in argv)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python tools/loss_study.py " + " ".join(
+        shlex.quote(a) for a in argv)
     if is_report_rank():
         print(f"loss study: {len(args.losses)} losses x {len(args.scenarios)} scenarios, {sizes['steps']} steps each, "
               f"into {out}", flush=True)
