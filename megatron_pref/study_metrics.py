@@ -69,6 +69,8 @@ def pair_statistics(name: str, stats, config) -> dict:
     w, l = stats.chosen_logps.detach(), stats.rejected_logps.detach()
     len_w, len_l = stats.chosen_lengths.detach(), stats.rejected_lengths.detach()
     out = {
+        # Sequence log-probs (the losses' own logps/* are per token for some reference-free losses).
+        "study/logps_chosen": w, "study/logps_rejected": l,
         "study/logps_chosen_per_token": w / len_w,
         "study/logps_rejected_per_token": l / len_l,
     }

@@ -54,10 +54,10 @@ MARGIN_ONLY = ("dpo", "ipo", "simpo")
 # that SPO's target (beta*h = 1) is h = 2 nats, reachable in the study's steps; SimPO's beta as
 # its paper (~2).
 LOSS_FLAGS = {"dpo": ["--beta", "0.5"], "spo": ["--beta", "0.5"], "ipo": ["--beta", "0.5"], "simpo": ["--beta", "2.0"]}
-DEFAULT_LR = 1e-3
-SIZES = {  # training steps per run, evaluation interval, the prep runs' steps
-    "full": dict(steps=80, eval_interval=20, sft_steps=150, confident_steps=40),
-    "quick": dict(steps=16, eval_interval=8, sft_steps=30, confident_steps=10),
+DEFAULT_LR = 3e-4
+SIZES = {  # training steps per run, evaluation interval, the prep runs' steps, demo training pairs
+    "full": dict(steps=80, eval_interval=20, sft_steps=150, confident_steps=60, train_pairs=320),
+    "quick": dict(steps=24, eval_interval=8, sft_steps=30, confident_steps=16, train_pairs=160),
 }
 # In the scored scenario only SPO reads the scores: every other loss would repeat its clean
 # run bit for bit (same pairs, same order), so only SPO is run there.
@@ -91,6 +91,9 @@ def parse_args(argv):
     p.add_argument("--loss-args", action="append", default=[], metavar="LOSS:FLAGS",
                    help="extra training flags for one loss, e.g. 'spo:--spo-target-margin 2'")
     p.add_argument("--swap-fraction", type=float, default=0.25, help="noisy scenario: share of swapped pairs")
+    p.add_argument("--train-pairs", type=int,
+                   help="demo: train the preference runs on the first N training pairs, seen several times "
+                        "(default 320, --quick 160; 0: all 4000)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--from-results", metavar="RESULTS_JSON",
                    help="train nothing: judge the claims and write the report and plots again from a results.json "
@@ -130,6 +133,10 @@ def check_args(args) -> dict:
         sizes["eval_interval"] = max(1, args.steps // 4)
     if sizes["eval_interval"] < 1:
         raise StudyError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.train_pairs is not None:
+        if args.train_pairs < 0:
+            raise StudyError(f"--train-pairs must be >= 0, got {args.train_pairs}")
+        sizes["train_pairs"] = args.train_pairs
     if not 0 < args.swap_fraction <= 1:
         raise StudyError(f"--swap-fraction must be in (0, 1], got {args.swap_fraction}")
     args.lr_of = {}
@@ -202,16 +209,20 @@ def _read_jsonl(path) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def scenario_data_flags(args, scenario: str, data_dir: Path) -> list:
+def scenario_data_flags(args, scenario: str, data_dir: Path, train_pairs: int) -> list:
     """The data flags of one scenario (files written under ``data_dir``, the same on every rank)."""
     from megatron_pref.data import demo_task
 
     if args.user_data is None:
         demo = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", demo_task.demo_tokenizer_path()]
-        if scenario in ("clean", "confident"):
+        if scenario in ("clean", "confident") and not train_pairs:
             return []  # the bundled demo itself (with its greedy exact match)
         train = demo_task.load_demo_rows("train")
+        train = train[:train_pairs] if train_pairs else train
         valid = demo_task.load_demo_rows("valid")
+        if scenario in ("clean", "confident"):
+            _write_jsonl(data_dir / "train.jsonl", train)
+            return ["--data-path", str(data_dir / "train.jsonl"), "--valid-data-path", demo_task.demo_data_path("valid")] + demo
         if scenario == "noisy":
             _write_jsonl(data_dir / "noisy_train.jsonl", swap_pairs(train, args.swap_fraction, args.seed))
             return ["--data-path", str(data_dir / "noisy_train.jsonl"),
@@ -343,7 +354,8 @@ def run_study(args, sizes: dict, out: Path) -> dict:
                              "--save", str(prep_dir / "sft"), "--eval-interval", str(sizes["sft_steps"])]))
     start_load = args.user_load or str(prep_dir / "sft")
     if "confident" in args.scenarios:
-        prep.append(("confident", ["--loss", "dpo", "--train-iters", str(sizes["confident_steps"]), "--lr", "2e-3",
+        prep.append(("confident", scenario_data_flags(args, "confident", out / "data", sizes["train_pairs"]) + [
+                                   "--loss", "dpo", "--train-iters", str(sizes["confident_steps"]), "--lr", "5e-4",
                                    "--load", start_load, "--finetune", "--sft-weight", "0", "--beta", "0.5",
                                    "--ref-cache-dir", str(out / "ref_cache" / "prep"),
                                    "--save", str(prep_dir / "confident"),
@@ -380,7 +392,7 @@ def run_study(args, sizes: dict, out: Path) -> dict:
         progress(f"prep/{name}", seconds, note)
 
     for scenario, loss in plan:
-        data_flags = scenario_data_flags(args, scenario, out / "data")
+        data_flags = scenario_data_flags(args, scenario, out / "data", sizes["train_pairs"])
         lr = args.lr_of.get(loss, DEFAULT_LR)
         base = _without_flag(list(common), "--load")
         flags = ["--loss", loss, "--train-iters", str(steps), "--lr", f"{lr:g}", "--sft-weight", "0",
@@ -628,17 +640,17 @@ def claim_slime_collapse(results) -> dict:
 
 
 def claim_dpo_displacement(results) -> dict:
-    chosen = _series(results, "clean", "dpo", "logps/chosen")
+    chosen = _series(results, "clean", "dpo", "study/logps_chosen")
     if chosen is None:
         return _missing("the clean scenario with dpo")
-    rejected = _series(results, "clean", "dpo", "logps/rejected")
+    rejected = _series(results, "clean", "dpo", "study/logps_rejected")
     margin = _series(results, "clean", "dpo", "study/h")
     numbers = {"dpo_delta_logp_chosen": _tail_mean(chosen) - _head_mean(chosen),
                "dpo_delta_logp_rejected": _tail_mean(rejected) - _head_mean(rejected),
                "dpo_delta_h": _tail_mean(margin) - _head_mean(margin), "decides": "dpo_delta_logp_chosen"}
     for loss in results["runs"].get("clean", {}):
         if loss != "dpo":
-            c = _series(results, "clean", loss, "logps/chosen")
+            c = _series(results, "clean", loss, "study/logps_chosen")
             numbers[f"{loss}_delta_logp_chosen"] = _tail_mean(c) - _head_mean(c)
     dc, dr, dh = numbers["dpo_delta_logp_chosen"], numbers["dpo_delta_logp_rejected"], numbers["dpo_delta_h"]
     if dh <= 0:
@@ -825,8 +837,8 @@ def make_plots(results, out: Path) -> None:
               **{f"{k} clean": v for k, v in per_loss("clean", "exact_match", "eval").items()}}),
         ],
         "dpo_likelihood_displacement": [
-            ("clean: training logps (sequence), chosen", "logp", per_loss("clean", "logps/chosen")),
-            ("clean: training logps (sequence), rejected", "logp", per_loss("clean", "logps/rejected")),
+            ("clean: training logps (sequence), chosen", "logp", per_loss("clean", "study/logps_chosen")),
+            ("clean: training logps (sequence), rejected", "logp", per_loss("clean", "study/logps_rejected")),
             ("clean: margin h (nats)", "h", per_loss("clean", "study/h")),
         ],
     }
@@ -891,12 +903,7 @@ def write_report(results, out: Path, command: str) -> None:
         "Setup: every loss starts from the same weights, trains on the same pairs in the same order for "
         f"{results['sizes']['steps']} steps of {results['global_batch']} pairs with Adam (constant learning rate, "
         "no warm-up, gradient clipping 1.0), and is compared with the same reference. "
-        + ("Start and reference: `prep/sft`, the demo's model after "
-           f"{results['sizes']['sft_steps']} steps of SFT; the confident scenario starts from `prep/confident` "
-           f"(DPO, beta 0.5, from prep/sft for {results['sizes']['confident_steps']} steps at lr 2e-3), reference prep/sft. "
-           "The scored scenario runs SPO only (with `--spo-target-from-scores`): the other losses ignore scores, "
-           "so their runs would repeat the clean ones bit for bit. "
-           if results["prep"].get("sft") else "Start and reference: the loaded model. ")
+        + (_demo_setup(results) if results["prep"].get("sft") else "Start and reference: the loaded model. ")
         + "Per-loss settings: the library's defaults (SPO target 1 for beta*h; SLIME's paper "
           "defaults) except "
         + (", ".join(f"{k}: `{' '.join(v)}`" for k, v in LOSS_FLAGS.items() if k in results["losses"]) or "none")
@@ -930,6 +937,24 @@ def write_report(results, out: Path, command: str) -> None:
     lines += [f"{name}: {' '.join(shlex.quote(a) for a in argv)}" for name, argv in results["commands"].items()]
     lines += ["```", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def _demo_setup(results) -> str:
+    sizes, sft = results["sizes"], results["prep"]["sft"]["eval"]
+    em = [v for v in sft.get("exact_match", []) if v is not None]
+    pairs = sizes.get("train_pairs")
+    return ("Start and reference: `prep/sft`, the demo's model after "
+            f"{sizes['sft_steps']} steps of SFT on the demo's chosen answers (lr 2e-3, cosine; greedy exact match "
+            + (f"{em[0]:g} -> {em[-1]:g}" if em else "n/a") + "). "
+            + (f"The preference runs train on the demo's first {pairs} training pairs "
+               f"({sizes['steps'] * results['global_batch'] / pairs:.0f} passes), so that margins can grow and the "
+               "confident scenario can rank them; held-out numbers are on the demo's 200 validation pairs, and the "
+               "greedy exact match, which pretrain_pref measures on the demo's own data only, is n/a for them. "
+               if pairs else "")
+            + "The confident scenario starts from `prep/confident` "
+            f"(DPO, beta 0.5, lr 5e-4, from prep/sft for {sizes['confident_steps']} steps on the same pairs), "
+            "reference prep/sft. The scored scenario runs SPO only (with `--spo-target-from-scores`): the other "
+            "losses ignore scores, so their runs would repeat the clean ones bit for bit. ")
 
 
 def _count_nulls(obj) -> int:
@@ -999,7 +1024,7 @@ def finish(results: dict, out: Path) -> int:
     results["plot_backend"] = plot_backend()
     make_plots(results, out)
     write_report(results, out, results["command"])
-    write_text_atomic(out / "results.json", json.dumps(results, indent=1, allow_nan=False))
+    write_text_atomic(out / "results.json", json.dumps(results, separators=(",", ":"), allow_nan=False))
     print(f"wrote {out / 'report.md'} and {out / 'results.json'} (study wall time {results['wall_seconds']:.0f} s)",
           flush=True)
     for c in results["claims"]:
