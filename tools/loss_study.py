@@ -568,18 +568,28 @@ def claim_spo_stability(results) -> dict:
             values = [v for _, v in gn]
             mean = sum(values) / len(values)
             numbers[f"clean_{loss}_grad_norm_cv"] = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5 / max(mean, 1e-30)
+        peaks = [v for sc in ("clean", "confident", "noisy") for _, v in (_series(results, sc, loss, "grad_norm") or [])]
+        if peaks:
+            numbers[f"{loss}_max_grad_norm"] = max(peaks)
         acc = _series(results, "noisy", loss, "study/h_positive", "eval")
         if acc is not None:
             numbers[f"noisy_{loss}_heldout_accuracy"] = _last(acc)
     ratio = numbers["confident_spo_heldout_kl"] / max(numbers["confident_dpo_heldout_kl"], 1e-30)
     numbers["spo_over_dpo_heldout_kl"] = ratio
-    numbers["decides"] = "spo_over_dpo_heldout_kl"
-    if ratio < 1.0:
-        return dict(verdict="reproduced", numbers=numbers,
-                    reason=f"from a confident policy SPO drifts less from the reference on held-out chosen responses "
-                           f"(KL estimate {ratio:.2g}x DPO's)")
+    # Stabler: the largest gradient norm (before clipping) over the scenarios, SPO's against DPO's.
+    peak = numbers.get("spo_max_grad_norm", 0.0) / max(numbers.get("dpo_max_grad_norm", 0.0), 1e-30)
+    numbers["spo_over_dpo_max_grad_norm"] = peak
+    less_hacking, stabler = ratio < 1.0, peak <= 2.0
+    hacking = f"SPO's held-out KL estimate from the confident policy is {ratio:.2g}x DPO's"
+    spikes = f"SPO's largest gradient norm is {peak:.3g}x DPO's ({numbers.get('spo_max_grad_norm', 0):.3g})"
+    if less_hacking and stabler:
+        numbers["decides"] = "spo_over_dpo_heldout_kl"
+        return dict(verdict="reproduced", numbers=numbers, reason=f"less reward hacking: {hacking}; stabler: {spikes}")
+    numbers["decides"] = "spo_over_dpo_max_grad_norm" if less_hacking else "spo_over_dpo_heldout_kl"
+    why = "" if stabler else "; SPO's per-pair weight grows exponentially on inverted pairs (z < 0), see the |dL/dh| plot"
     return dict(verdict="not reproduced", numbers=numbers,
-                reason=f"from a confident policy SPO's held-out KL estimate is {ratio:.2g}x DPO's")
+                reason=f"less reward hacking {'holds' if less_hacking else 'does not hold'} ({hacking}); "
+                       f"stabler {'holds' if stabler else 'does not'} ({spikes}{why})")
 
 
 def _collapse_share(results, scenario, loss, split="eval"):
@@ -719,8 +729,11 @@ def _color(label: str, i: int):
 
 
 def plot_panels(path: Path, title: str, panels: list) -> None:
-    """``panels``: [(subtitle, ylabel, {label: [(x, y), ...]}), ...], side by side."""
+    """``panels``: [(subtitle, ylabel, {label: [(x, y), ...]}), ...], side by side. A ylabel
+    starting with "log10 " plots log10 of the values."""
     panels = [p for p in panels if any(p[2].values())]
+    panels = [(t, y, {k: [(a, math.log10(max(b, 1e-12))) for a, b in v] for k, v in series.items()})
+              if y.startswith("log10 ") else (t, y, series) for t, y, series in panels]
     if not panels:
         panels = [("no data", "", {})]
     try:
@@ -780,7 +793,8 @@ def _plot_pil(path: Path, title: str, panels: list) -> None:
             yv = ymin + frac * (ymax - ymin)
             _, yy = at(xmin, yv)
             draw.line([x0 - 4, yy, x0, yy], fill="black")
-            draw.text((p * width + 2, yy - 6), f"{yv:.3g}", fill="black")
+            label = f"{yv:.3g}"
+            draw.text((x0 - 6 - draw.textlength(label), yy - 6), label, fill="black")
             xv = xmin + frac * (xmax - xmin)
             xx, _ = at(xv, ymin)
             draw.line([xx, y1, xx, y1 + 4], fill="black")
@@ -823,13 +837,14 @@ def make_plots(results, out: Path) -> None:
               if _series(results, sc, "spo", "spo/z")}),
         ],
         "spo_vanishing_gradients": [
-            ("confident: mean |dL/dh| over pairs", "|dL/dh|", per_loss("confident", "study/abs_grad_h")),
+            ("confident: mean |dL/dh| over pairs", "log10 |dL/dh|", per_loss("confident", "study/abs_grad_h")),
             ("confident: share of pairs with |dL/dh| < 1e-3", "share",
              per_loss("confident", None, fn=lambda r, sc, loss: _vanished_share(r, sc, loss))),
-            ("confident: global grad norm", "grad norm", per_loss("confident", "grad_norm")),
+            ("confident: global grad norm", "log10 grad norm", per_loss("confident", "grad_norm")),
         ],
         "spo_stability": [
             ("confident: held-out KL estimate (k3)", "KL/token", per_loss("confident", "study/kl_k3_chosen", "eval")),
+            ("clean: global grad norm", "log10 grad norm", per_loss("clean", "grad_norm")),
             ("confident: rejected logp/token", "logp/token", per_loss("confident", "study/logps_rejected_per_token")),
             ("noisy: held-out accuracy (h > 0)", "accuracy", per_loss("noisy", "study/h_positive", "eval")),
         ],
