@@ -918,7 +918,10 @@ def summary_table(results) -> list:
 def write_report(results, out: Path, command: str) -> None:
     from megatron_pref.atomic import write_text_atomic
 
-    nulls = _count_nulls(results["runs"])
+    nulls = sum(_count_nulls(run[split]) for runs in results["runs"].values() for run in runs.values()
+                for split in ("train", "eval"))
+    stopped = [f"{sc}/{loss}: {run['stopped']}" for sc, runs in results["runs"].items() for loss, run in runs.items()
+               if run.get("stopped")]
     lines = [
         "# Loss study: the claims of SPO, SLIME and DPO, measured",
         "",
@@ -940,7 +943,8 @@ def write_report(results, out: Path, command: str) -> None:
         "",
         "Verdicts are decided by the rules in tools/loss_study.py (`claim_*`), stated in each reason. "
         + (f"{nulls} logged values were not finite (kept as null in results.json)." if nulls else
-           "Every logged value was finite."),
+           "Every logged value was finite.")
+        + (" Runs stopped early: " + "; ".join(stopped) + "." if stopped else ""),
         "",
         "| claim | verdict | deciding number |",
         "|---|---|---|",
