@@ -308,7 +308,14 @@ def train_once(argv: list, run_dir: Path, study: bool) -> tuple:
             stopped = f"stopped: {exc}"
         finally:
             study_metrics.enable(False)
-            parallel.destroy()
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                # Under torchrun the process group stays for the next run (a new one would wait for
+                # torchrun's store forever); train() sets up megatron-core's groups again.
+                from megatron.core import parallel_state
+
+                parallel_state.destroy_model_parallel()
+            else:
+                parallel.destroy()
     return time.time() - start, stopped
 
 
@@ -1034,10 +1041,14 @@ def main(argv=None) -> int:
     if is_report_rank():
         for made in ("prep", "runs"):  # the tool's own outputs of an earlier study: remade
             shutil.rmtree(out / made, ignore_errors=True)
+    from megatron_pref import parallel
+
     try:
         results = run_study(args, sizes, out)
     except (StudyError, UserError, DataError, ValueError, FileNotFoundError) as exc:  # bad input (ConfigError, ...)
         return report_error(str(exc))
+    finally:
+        parallel.destroy()
     if not is_report_rank():
         return 0
     results.update(command=command, losses=args.losses, scenarios=args.scenarios, plot_backend=plot_backend(),
