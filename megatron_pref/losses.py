@@ -919,7 +919,10 @@ def _check_name(name: str) -> None:
 def requires_reference(name: str) -> bool:
     """True if loss ``name`` (or any term of a combination) needs reference-model log-probs
     (ValueError if unknown)."""
-    return any(n in REFERENCE_LOSSES for n in loss_terms(name))
+    from megatron_pref import study_metrics
+
+    # The loss study compares every loss relative to the same reference.
+    return any(n in REFERENCE_LOSSES for n in loss_terms(name)) or study_metrics.enabled()
 
 
 def check_options(spec: str, config: LossConfig) -> None:
@@ -1104,4 +1107,8 @@ def compute_loss(name: str, stats: PairStats, config: LossConfig, *, check_value
             pair_losses=out.pair_losses + extra,
             metrics={**out.metrics, "sft/nll": nll.detach()},
         )
+    from megatron_pref import study_metrics
+
+    if study_metrics.active():  # opt-in (tools/loss_study.py)
+        out.metrics.update(study_metrics.pair_statistics(name, stats, config))
     return out

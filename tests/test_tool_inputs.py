@@ -162,6 +162,15 @@ TOOL_BAD_INPUTS = [
                   "written); pass --no-verify-checksums to load it anyway"], ["out"], id="export-damaged-bytes"),
     pytest.param("verify_conversion", ["--hf-dir", "{hf}", "--load", "{damaged}"],
                  ["--load {damaged}/iter_0000000/__0_0.distcp: checksum mismatch"], [], id="verify-damaged-bytes"),
+    # issue 14: the loss study refuses bad input before any training
+    pytest.param("loss_study", ["--losses", "dpo,nope", "--out", "{tmp}/out"], ["--losses: unknown loss 'nope'"],
+                 ["out"], id="study-unknown-loss"),
+    pytest.param("loss_study", ["--scenarios", "clean,windy", "--out", "{tmp}/out"],
+                 ["--scenarios: unknown scenario 'windy'"], ["out"], id="study-unknown-scenario"),
+    pytest.param("loss_study", ["--out", "{tmp}/out", "--", "--lr", "1e-3"], ["--lr is set by the study"], ["out"],
+                 id="study-controlled-flag"),
+    pytest.param("loss_study", ["--losses", "dpo", "--lr", "spo=1e-3", "--out", "{tmp}/out"],
+                 ["--lr spo=1e-3: expected LOSS=NUMBER with a loss of --losses"], ["out"], id="study-lr-other-loss"),
 ]
 
 
