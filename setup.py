@@ -26,6 +26,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # trl: tests/test_losses_trl.py checks every loss against TRL's own DPOTrainer code
         # (about 30 s more to install, with accelerate and datasets).
-        "test": ["pytest", "pyyaml", "trl==1.16.0"],
+        "test": ["pytest", "pyyaml", "trl==1.16.0", "matplotlib"],
+        # tools/loss_study.py's plots (without it, a small PIL renderer draws them).
+        "study": ["matplotlib"],
     },
 )
