@@ -35,12 +35,13 @@ from megatron_pref.convert.checkpoint_io import (CHECKPOINT_ID_KEY, CONFIG_FILE,
                                                  new_checkpoint_id, read_checkpoint_id, read_checkpoint_metadata)
 from megatron_pref.convert.checkpoint_io import read_model_config as _stored_model_config
 from megatron_pref.convert.errors import ConversionError, read_json_object
+from megatron_pref.errors import UserError
 from megatron_pref.model import ModelConfig, unwrap_model
 
 TMP_SUFFIX = ".tmp"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

@@ -166,6 +166,44 @@ def test_bad_input_table(argv, first_line, code, absent, prepare, cwd, tmp_path,
     assert sorted(os.listdir(tmp_path)) == before  # nothing written at all
 
 
+
+_RAISE_IN_TRAIN_PATH = """
+import runpy, sys
+import megatron_pref.parallel as parallel
+def initialize(*args, **kwargs):  # an internal invariant failing inside train()
+    raise ValueError("logits (2, 3) and labels (2, 4) disagree")
+parallel.initialize = initialize
+sys.argv = ["pretrain_pref.py"]
+runpy.run_path("pretrain_pref.py", run_name="__main__")
+"""
+
+
+def test_only_user_errors_become_one_line(tmp_path, monkeypatch, capsys):
+    """A bug (here a ValueError from inside train(), like the shape check of
+    logprobs.token_logprobs) keeps its traceback and Python's exit 1; bad input (every
+    UserError subclass, raised at the same place) is one line with exit 2."""
+    from megatron_pref.convert.errors import ConversionError
+    from megatron_pref.errors import UserError
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _RAISE_IN_TRAIN_PATH], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "ValueError: logits (2, 3) and labels (2, 4) disagree"
+    assert "error: logits" not in proc.stderr
+
+    monkeypatch.chdir(tmp_path)
+    main = _pretrain_main()
+    for error in (ConfigError, DataError, CheckpointError, ConversionError, UserError):  # the control
+        def bad_input(*args, **kwargs):
+            raise error(f"a bad {error.__name__}")
+
+        monkeypatch.setattr("megatron_pref.parallel.initialize", bad_input)
+        assert main([]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: a bad {error.__name__}"]
+    assert all(issubclass(e, UserError) for e in (ConfigError, DataError, CheckpointError, ConversionError))
+
 def test_one_virtual_stage_per_rank_is_the_plain_schedule():
     run = parse_run_config(["--num-layers", "4", "--pipeline-model-parallel-size", "2",
                             "--num-layers-per-virtual-pipeline-stage", "2"])

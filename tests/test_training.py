@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_pref.arguments import parse_run_config
+from megatron_pref.arguments import ConfigError, parse_run_config
 from megatron_pref.model import ParallelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -627,7 +627,7 @@ def test_defaults_under_megatron_lm_names(tiny):
     demo = parse_run_config([])
     assert (demo.optim.lr_decay_style, demo.optim.lr) == ("cosine", 2e-3)
     assert parse_run_config(["--lr-decay-style", "constant"]).optim.lr_decay_style == "constant"
-    with pytest.raises(ValueError, match="--min-lr 1e-05 is above --lr 1e-06"):
+    with pytest.raises(ConfigError, match="--min-lr 1e-05 is above --lr 1e-06"):
         parse_run_config(tiny[:8] + ["--min-lr", "1e-5"])
 
 

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from megatron_pref.cli_errors import OneLineArgumentParser, launched_by_torchrun, refuse_torchrun, report_error
 from megatron_pref.convert.errors import ConversionError
+from megatron_pref.errors import UserError
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -36,7 +37,7 @@ def _run(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPar
     _quiet()
     try:
         return body(args)
-    except ConversionError as exc:
+    except UserError as exc:  # ConversionError and the core's checkpoint/flag errors; bugs keep their traceback
         return report_error(exc)
 
 
