@@ -333,7 +333,7 @@ def test_reference_cache_sees_a_same_size_edit_in_the_middle_of_the_data(distrib
     Negative control: an identical copy in another directory hits the cache."""
     import shutil
 
-    from tests.test_fingerprint import MIB, swap_chosen_rejected_near, write_padded_jsonl
+    from tests.test_data_fingerprint import MIB, swap_chosen_rejected_near, write_padded_jsonl
 
     cache = tmp_path / "cache"
     train_file = write_padded_jsonl(tmp_path / "train.jsonl")
