@@ -11,7 +11,8 @@ def main(argv=None) -> int:
     # Quiet the import-time notices of optional GPU packages before megatron-core loads.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from megatron_pref.arguments import ConfigError, parse_run_config
+    from megatron_pref.arguments import parse_run_config
+    from megatron_pref.errors import UserError
 
     try:
         run = parse_run_config(argv)
@@ -20,16 +21,11 @@ def main(argv=None) -> int:
 
         with one_line_stops(run):  # Ctrl-C, SIGTERM, a dead rank: one line, no traceback
             train(run)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except UserError as exc:  # bad flags, files, data or checkpoints; anything else is a bug: traceback
         return _fail(exc, "error")
-    except Exception as exc:  # pragma: no cover - the classes below are imported lazily
-        from megatron_pref.checkpointing import CheckpointError
-        from megatron_pref.convert.errors import ConversionError
-        from megatron_pref.data.errors import DataError
+    except Exception as exc:
         from megatron_pref.engine import NonFiniteLoss
 
-        if isinstance(exc, (DataError, CheckpointError, ConversionError)):
-            return _fail(exc, "error")
         if isinstance(exc, NonFiniteLoss):  # from the globally reduced loss: every rank stops alike
             return _fail(exc, "stopped", code=3, same_on_every_rank=True)
         raise

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_pref.errors import UserError
 from megatron_pref.model import (NORMALIZATIONS, POSITION_EMBEDDINGS, TRANSFORMER_IMPLS, ModelConfig,
                                  ParallelConfig, PrecisionConfig)
 
@@ -20,7 +21,7 @@ REF_LOGPROBS_MODES = ("precompute", "online")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad flag or input file: reported as one line, never a traceback."""
 
 

@@ -5,7 +5,6 @@ Each function applies one concern (torchtitan style); ``training.py`` strings th
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import warnings
@@ -15,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_pref.data.packing import build_packed_batch, pad_pack
 from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, build_gpt_model
 
 
@@ -179,34 +179,6 @@ def _configure_schedule(model_chunks: list, optimizer=None) -> None:
         config.param_sync_func = [c.start_param_sync for c in model_chunks]
 
 
-def empty_pack_like(pack, length: int = 8):
-    """A pack with no pairs: contributes nothing to the loss, the gradients or the pair count."""
-    empty = copy.copy(pack)
-    zeros = torch.zeros(length, dtype=pack.tokens.dtype)
-    empty.tokens, empty.labels, empty.position_ids = zeros, zeros.clone(), torch.arange(length)
-    empty.loss_mask = torch.zeros(length, dtype=pack.loss_mask.dtype)
-    empty.cu_seqlens = torch.zeros(1, dtype=torch.int32)
-    empty.seq_pair_index = torch.zeros(0, dtype=torch.long)
-    empty.seq_is_chosen = torch.zeros(0, dtype=torch.bool)
-    empty.pair_ids = torch.zeros(0, dtype=torch.long)
-    empty.score_chosen = None if pack.score_chosen is None else pack.score_chosen[:0]
-    empty.score_rejected = None if pack.score_rejected is None else pack.score_rejected[:0]
-    return empty
-
-
-def pad_pack_to(pack, length: int):
-    """The same pack with a longer padding tail (outside every sequence, no loss)."""
-    extra = length - pack.tokens.numel()
-    if extra <= 0:
-        return pack
-    padded = copy.copy(pack)
-    padded.tokens = torch.cat([pack.tokens, pack.tokens.new_zeros(extra)])
-    padded.labels = torch.cat([pack.labels, pack.labels.new_zeros(extra)])
-    padded.loss_mask = torch.cat([pack.loss_mask, pack.loss_mask.new_zeros(extra)])
-    padded.position_ids = torch.cat([pack.position_ids, torch.arange(extra, dtype=pack.position_ids.dtype)])
-    return padded
-
-
 def pad_micro_batches_for_interleaving(micro_batches: list, pipeline_size: int, virtual_size) -> list:
     """The interleaved schedule wants a micro-batch count that is a multiple of PP, and
     communicates fixed-shape activations: pad the count with empty packs and every pack to
@@ -215,9 +187,10 @@ def pad_micro_batches_for_interleaving(micro_batches: list, pipeline_size: int, 
         return micro_batches
     missing = (-len(micro_batches)) % pipeline_size
     longest = max(int(m.pack.tokens.numel()) for m in micro_batches)
-    micro_batches = [dataclasses.replace(m, pack=pad_pack_to(m.pack, longest)) for m in micro_batches]
+    micro_batches = [dataclasses.replace(m, pack=pad_pack(m.pack, longest)) for m in micro_batches]
     template = micro_batches[0]
-    fillers = [dataclasses.replace(template, pack=empty_pack_like(template.pack, longest),
+    empty = build_packed_batch([], pad_to=longest, with_scores=template.pack.score_chosen is not None)
+    fillers = [dataclasses.replace(template, pack=empty,
                                    ref_chosen_logps=None if template.ref_chosen_logps is None else template.ref_chosen_logps[:0],
                                    ref_rejected_logps=None if template.ref_rejected_logps is None else template.ref_rejected_logps[:0])
                for _ in range(missing)]

@@ -14,27 +14,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_pref.data.packing import build_pack
 from megatron_pref.engine import forward_only_pass
 from megatron_pref.step import MicroBatch, make_forward_step
-
-
-def _pack_sequences(sequences: Sequence[list], pad_multiple: int = 1):
-    """One pack of the sequences, its tail padded to ``pad_multiple`` tokens (FP8 GEMMs and
-    sequence parallelism need it) as a segment of its own, after the last sequence."""
-    from megatron_pref.data.packing import PackedBatch
-
-    lengths = [len(s) for s in sequences]
-    real = sum(lengths)
-    tail = -real % pad_multiple
-    tokens = torch.tensor([t for s in sequences for t in s] + [0] * tail, dtype=torch.long)
-    cu = torch.zeros(len(sequences) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    return PackedBatch(
-        tokens=tokens, labels=torch.zeros_like(tokens), loss_mask=torch.zeros(len(tokens)),
-        position_ids=torch.cat([torch.arange(n) for n in lengths + [tail]]), cu_seqlens=cu,
-        seq_pair_index=torch.zeros(len(sequences), dtype=torch.long),
-        seq_is_chosen=torch.zeros(len(sequences), dtype=torch.bool),
-        pair_ids=torch.zeros(0, dtype=torch.long))
 
 
 def _next_token_loss_func(output_tensor, micro, true_vocab_size: int):
@@ -69,7 +51,8 @@ def greedy_generate(model_chunks: list, prompts: Sequence[list], true_vocab_size
         if not active:
             break
         groups = [active[k:k + sequences_per_pack] for k in range(0, len(active), sequences_per_pack)]
-        micro = [MicroBatch(_pack_sequences([list(prompts[i]) + answers[i] for i in g], pad_multiple)) for g in groups]
+        micro = [MicroBatch(build_pack([list(prompts[i]) + answers[i] for i in g], pad_multiple=pad_multiple))
+                 for g in groups]
         outputs = forward_only_pass(model_chunks, micro, forward_step)
         chosen = torch.zeros(len(active), dtype=torch.long)
         if outputs:

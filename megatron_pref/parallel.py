@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from megatron_pref import cpu
+from megatron_pref.errors import UserError
 from megatron_pref.model import ParallelConfig
 
 
@@ -40,7 +41,7 @@ def initialize(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -
         if torch.cuda.is_available():
             local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
             if local_rank >= gpus:
-                raise ValueError(f"local rank {local_rank} has no GPU: this node has {gpus}; "
+                raise UserError(f"local rank {local_rank} has no GPU: this node has {gpus}; "
                                  f"launch at most --nproc-per-node {gpus}")
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(

@@ -1,8 +1,10 @@
-"""Random packs of whole pairs for model-level tests, laid out like data.packing's PackedBatch."""
+"""Random packs of whole pairs for model-level tests, built by data.packing's builder."""
 
-from types import SimpleNamespace
-
+import numpy as np
 import torch
+
+from megatron_pref.data.packing import build_packed_batch
+from megatron_pref.data.pairs import TokenizedPair
 
 
 def random_pairs(num_pairs, vocab, seed=0, prompt=(3, 8), response=(2, 9)):
@@ -17,36 +19,11 @@ def random_pairs(num_pairs, vocab, seed=0, prompt=(3, 8), response=(2, 9)):
 
 
 def make_pack(pairs, pair_ids=None, pad_to_multiple=8, scores=None):
-    """One pack: chosen of pair k is sequence 2k, rejected 2k+1; loss on response labels only."""
-    tokens, labels, loss_mask, positions, cu, seq_pair, seq_chosen = [], [], [], [], [0], [], []
-    for k, (prompt, chosen, rejected) in enumerate(pairs):
-        for response, is_chosen in ((chosen, True), (rejected, False)):
-            seq = prompt + response
-            tokens += seq
-            labels += seq[1:] + [0]
-            # label i is token i+1: a response token iff i+1 >= len(prompt)
-            loss_mask += [1.0 if i + 1 >= len(prompt) and i + 1 < len(seq) else 0.0 for i in range(len(seq))]
-            positions += list(range(len(seq)))
-            cu.append(cu[-1] + len(seq))
-            seq_pair.append(k)
-            seq_chosen.append(is_chosen)
-    real = len(tokens)
-    total = -(-real // pad_to_multiple) * pad_to_multiple
-    pad = total - real
-    tokens += [0] * pad
-    labels += [0] * pad
-    loss_mask += [0.0] * pad
-    positions += list(range(pad))
-    pack = SimpleNamespace(
-        tokens=torch.tensor(tokens), labels=torch.tensor(labels), loss_mask=torch.tensor(loss_mask),
-        position_ids=torch.tensor(positions), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        seq_pair_index=torch.tensor(seq_pair), seq_is_chosen=torch.tensor(seq_chosen),
-        pair_ids=torch.tensor(pair_ids if pair_ids is not None else list(range(len(pairs)))),
-        score_chosen=None, score_rejected=None)
-    pack.num_rejected_response_tokens = int(sum(len(r) for _, _, r in pairs))
-    pack.num_chosen_response_tokens = int(sum(len(c) for _, c, _ in pairs))
-    pack.num_pairs = len(pairs)
-    return pack
+    """One pack by the project's builder: chosen of pair k is sequence 2k, rejected 2k+1; loss
+    on response labels only."""
+    tokenized = [TokenizedPair(np.asarray(p), np.asarray(c), np.asarray(r)) for p, c, r in pairs]
+    return build_packed_batch(tokenized, pad_multiple=pad_to_multiple, with_scores=False,
+                              pair_ids=pair_ids if pair_ids is not None else list(range(len(pairs))))
 
 
 def split_into_packs(pairs, sizes):

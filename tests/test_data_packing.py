@@ -9,10 +9,12 @@ from megatron_pref.data.datasets import InMemoryPreferenceDataset
 from megatron_pref.data.errors import DataError, SkipPair
 from megatron_pref.data.packing import (
     PackedPairLoader,
+    build_pack,
     build_packed_batch,
     compute_pad_multiple,
     first_fit_decreasing,
     iter_packs_once,
+    pad_pack,
     packed_to_padded,
     per_sequence_sum,
     round_up,
@@ -87,6 +89,44 @@ def test_masking_and_labels_hand_made():
     sc = pack.score_chosen.tolist()
     assert sc[0] == 1.0 and np.isnan(sc[1]) and pack.score_rejected[0] == 0.0
 
+
+
+def test_padding_a_pack_is_building_it_longer():
+    """One layout: pad_pack(pack, L) is the pack built with pad_to=L, field for field (the tail
+    is one run of positions outside every sequence, labelled S by sequence_ids), and an empty
+    pack (the interleaved schedule's filler) adds nothing to any per-sequence or pair sum."""
+    from dataclasses import fields
+
+    from megatron_pref.logprobs import segment_sums
+
+    rng = np.random.default_rng(5)
+    pairs = [make_pair(rng) for _ in range(3)]
+    short = build_packed_batch(pairs, pad_multiple=8, pad_id=3)
+    n = short.num_real_tokens
+    assert short.pack_length > n  # the short pack has a tail of its own already
+    long = build_packed_batch(pairs, pad_multiple=8, pad_id=3, pad_to=short.pack_length + 13)
+    grown = pad_pack(short, long.pack_length, pad_id=3)
+    assert long.pack_length == round_up(short.pack_length + 13, 8) > short.pack_length
+    for f in fields(long):
+        a, b = getattr(grown, f.name), getattr(long, f.name)
+        assert (a is None and b is None) or torch.equal(a, b), f.name
+    assert grown.position_ids[n:].tolist() == list(range(long.pack_length - n))
+    assert pad_pack(long, short.pack_length) is long  # never shortened
+    ids = grown.sequence_ids()
+    assert torch.all(ids[n:] == grown.num_sequences) and torch.equal(ids[:n], short.sequence_ids()[:n])
+    sums, counts = segment_sums(torch.ones(grown.pack_length), grown.loss_mask, grown.cu_seqlens, ids)
+    assert torch.equal(counts, per_sequence_sum(short.loss_mask, short.cu_seqlens))
+
+    empty = build_packed_batch([], pad_to=12, with_scores=True)
+    assert (empty.pack_length, empty.num_pairs, empty.num_sequences, empty.num_real_tokens) == (12, 0, 0, 0)
+    assert empty.loss_mask.sum() == 0 and empty.position_ids.tolist() == list(range(12))
+    assert empty.score_chosen.shape == (0,) and per_sequence_sum(torch.ones(12), empty.cu_seqlens).numel() == 0
+    with pytest.raises(ValueError, match="at least one pair"):
+        build_packed_batch([])
+    # Sequences of no pair (generation): the same layout, no loss.
+    plain = build_pack([[5, 6, 7], [8]], pad_multiple=8)
+    assert plain.cu_seqlens.tolist() == [0, 3, 4] and plain.labels.tolist()[:4] == [6, 7, 0, 0]
+    assert plain.loss_mask.sum() == 0 and plain.pair_ids.numel() == 0
 
 def test_first_fit_decreasing():
     bins = first_fit_decreasing([5, 7, 5, 2, 4, 2, 5, 1, 6], 10)

@@ -13,15 +13,16 @@ PROMPTS = [[1, 5, 9, 3], [2, 7], [4, 4, 4, 8, 11, 6, 2], [13]]
 
 
 def test_pack_tail_is_padded_outside_every_sequence():
-    from megatron_pref.generation import _pack_sequences
+    from megatron_pref.data.packing import build_pack  # what greedy_generate packs with
 
-    pack = _pack_sequences(PROMPTS, pad_multiple=16)
+    pack = build_pack(PROMPTS, pad_multiple=16)
     real = sum(len(p) for p in PROMPTS)
     assert pack.tokens.numel() == 16 and real == 14
     assert pack.cu_seqlens.tolist() == [0, 4, 6, 13, 14]  # the tail is not a sequence
     assert pack.tokens[:real].tolist() == [t for p in PROMPTS for t in p]
     assert pack.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4, 5, 6, 0, 0, 1]
-    assert _pack_sequences(PROMPTS).tokens.numel() == real
+    assert pack.loss_mask.sum() == 0  # no loss: decoding only reads the last logits
+    assert build_pack(PROMPTS).tokens.numel() == real
 
 
 def _decode(pad_multiple):

@@ -4,6 +4,7 @@ they run in-process in milliseconds."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_pref.arguments import ConfigError, parse_run_config
 from megatron_pref.checkpointing import CheckpointError
 from megatron_pref.data import demo_task
 from megatron_pref.data.errors import DataError
 from megatron_pref.model import ParallelConfig
-from tests.test_training import MODEL_FLAGS, _demo_subset, _train, data_flags, run_training
+from tests.test_training import (MODEL_FLAGS, _demo_subset, _train, data_flags, run_cli, run_training,  # noqa: F401
+                                 tiny, torchrun_cli)  # tiny: a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", demo_task.demo_tokenizer_path()]
@@ -251,6 +254,43 @@ def test_saving_the_same_model_again_gets_past_the_save_dir_check(save, checkpoi
         _pretrain_main()([str(tmp_path / save) if a == str(directory / "ck") else a for a in argv]
                          + ["--load", str(tmp_path / "ck"), "--train-iters", "2", "--override-opt_param-scheduler"])
 
+
+_RAISE_IN_TRAIN_PATH = """
+import runpy, sys
+import megatron_pref.parallel as parallel
+def initialize(*args, **kwargs):  # an internal invariant failing inside train()
+    raise ValueError("logits (2, 3) and labels (2, 4) disagree")
+parallel.initialize = initialize
+sys.argv = ["pretrain_pref.py"]
+runpy.run_path("pretrain_pref.py", run_name="__main__")
+"""
+
+
+def test_only_user_errors_become_one_line(tmp_path, monkeypatch, capsys):
+    """A bug (here a ValueError from inside train(), like the shape check of
+    logprobs.token_logprobs) keeps its traceback and Python's exit 1; bad input (every
+    UserError subclass, raised at the same place) is one line with exit 2."""
+    from megatron_pref.convert.errors import ConversionError
+    from megatron_pref.errors import UserError
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _RAISE_IN_TRAIN_PATH], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "ValueError: logits (2, 3) and labels (2, 4) disagree"
+    assert "error: logits" not in proc.stderr
+
+    monkeypatch.chdir(tmp_path)
+    main = _pretrain_main()
+    for error in (ConfigError, DataError, CheckpointError, ConversionError, UserError):  # the control
+        def bad_input(*args, **kwargs):
+            raise error(f"a bad {error.__name__}")
+
+        monkeypatch.setattr("megatron_pref.parallel.initialize", bad_input)
+        assert main([]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: a bad {error.__name__}"]
+    assert all(issubclass(e, UserError) for e in (ConfigError, DataError, CheckpointError, ConversionError))
 
 def test_one_virtual_stage_per_rank_is_the_plain_schedule():
     run = parse_run_config(["--num-layers", "4", "--pipeline-model-parallel-size", "2",
@@ -609,7 +649,7 @@ def test_damaged_checkpoint_loads_only_without_the_check(checkpoint, tmp_path, m
     """Controls for the table's checkpoint-bytes-damaged row: the same damaged copy passes every
     other check with --no-verify-checksums, and then loads and trains without a word (the
     silent failure the check prevents); an intact copy passes with the check."""
-    from megatron_pref.testing import run_on_ranks
+    from megatron_pref.forked_ranks import run_on_ranks
 
     argv, damaged = _damaged(checkpoint, tmp_path, lambda ck, iteration: _damage_tensor_bytes(iteration))
     _run_until_process_group(argv + ["--load", damaged, "--no-verify-checksums"], monkeypatch)
@@ -781,3 +821,110 @@ def test_missing_tensorboard_stops_pretrain_before_any_work(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == ["error: --tensorboard-dir needs tensorboard (pip install -e '.[logging]')"]
     assert out.stdout == "" and not (tmp_path / "tb").exists()
+
+
+# --------------------------------------------------------------------------- through the real command line
+# pretrain_pref.py started as a process (python or torchrun): the line, its exit status, which
+# rank prints it.
+
+
+def error_lines(stderr: str) -> list:
+    """Our one-line errors (``error: ...``, ``[rank N] error: ...``), without torchrun's own lines."""
+    return [line for line in stderr.splitlines() if re.match(r"(\[rank \d+\] )?(error|stopped): ", line)]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loss", "nope"], "--loss 'nope' is unknown"),
+    (["--beta", "0"], "beta"),
+    (["--data-path", "/no/such/file.jsonl", "--tokenizer-type", "SentencePieceTokenizer",
+      "--tokenizer-model", "/no/such/tok.model"], "--tokenizer-model /no/such/tok.model: no such file"),
+    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
+    (["--num-attention-heads", "3", "--hidden-size", "96", "--tensor-model-parallel-size", "2"],
+     "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
+    (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
+    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
+    (["--load", "/no/such/dir"], "--load /no/such/dir: no such directory"),
+    (["--ref-load", "/tmp", "--loss", "slime"], "reference-free"),
+    (["--loss", "dpo,sft", "--loss-weights", "1"], "--loss-weights has 1 weight(s) for the 2 loss(es) of --loss dpo,sft"),
+    (["--loss", "sigmoid"], "TRL's 'sigmoid' is our 'dpo'"),
+    (["--loss", "bco_pair", "--f-divergence-type", "js_divergence"], "does not apply to --loss bco_pair"),
+    (["--loss", "exo_pair"], "needs --label-smoothing > 0"),
+])
+def test_bad_input_is_one_line(args, message):
+    out = run_cli(args + ["--no-progress-bar"], timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--overlap-param-gather", "--overlap-grad-reduce"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather needs --overlap-grad-reduce"),
+])
+def test_flag_dependencies_are_checked_before_any_work(args, message):
+    from megatron_pref.arguments import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(args)
+    parse_run_config(args + ["--use-distributed-optimizer", "--overlap-grad-reduce"])  # complete: accepted
+
+
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_global_batch_not_divisible_by_data_parallel_size(late_rank):
+    """An error every rank finds alike is printed once, whichever rank fails first: the other
+    rank starts 60 s late and torchrun stops it when the first one exits (rank 0 used to be
+    the only one to print, so the line was lost when rank 1 failed first)."""
+    out = torchrun_cli(2, ["--global-batch-size", "7", "--no-progress-bar"], timeout=300,
+                       env_extra={f"TEST_SLEEP_RANK_{late_rank}": "60"})
+    assert out.returncode != 0
+    assert error_lines(out.stderr) == ["error: --global-batch-size 7 is not divisible by the data-parallel size 2"], \
+        out.stderr[-2000:]
+    # torchrun reports the failed worker with its own launcher traceback; ours must not appear.
+    assert "pretrain_pref.py\", line" not in out.stderr and "megatron_pref/" not in out.stderr
+
+
+def test_an_error_of_one_rank_is_printed_by_that_rank():
+    """A node with one GPU and two ranks: rank 1 has none. Its error is its own (rank 0 waits
+    for it in the rendezvous), so it is printed with the rank."""
+    out = torchrun_cli(2, ["--transformer-impl", "local", "--train-iters", "1", "--no-progress-bar"], timeout=300,
+                       env_extra={"TEST_GPUS": "1"})
+    assert out.returncode != 0
+    assert error_lines(out.stderr) == ["[rank 1] error: local rank 1 has no GPU: this node has 1; launch at most "
+                                       "--nproc-per-node 1"], out.stderr[-2000:]
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+    from megatron_pref.data import demo_task
+
+    out = run_cli(["--data-path", str(tmp_path / "missing.jsonl"), "--tokenizer-type", "SentencePieceTokenizer",
+                   "--tokenizer-model", demo_task.demo_tokenizer_path()])
+    assert out.returncode == 2 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_load_with_a_different_architecture_names_the_field(distributed, tmp_path, tiny):
+    run_training(distributed, 1, tiny + ["--loss", "sft", "--train-iters", "1", "--save", str(tmp_path / "c")])
+    out = run_cli(tiny + ["--loss", "sft", "--load", str(tmp_path / "c"), "--hidden-size", "48"])
+    assert out.returncode == 2
+    assert "--hidden-size 48 differs from the --load checkpoint's hidden_size=32" in out.stderr
+
+
+@pytest.mark.parametrize("impl,recipe,capability,error", [
+    ("local", "tensorwise", (9, 0), "needs Transformer Engine"),
+    ("transformer_engine", "mxfp8", (9, 0), "mxfp8 needs compute capability 10.0"),
+    ("transformer_engine", "mxfp8", (10, 0), None),
+    ("transformer_engine", "blockwise", (9, 0), None),
+])
+def test_fp8_support_is_checked_before_any_work(monkeypatch, impl, recipe, capability, error):
+    from megatron_pref.model import PrecisionConfig
+    from megatron_pref.preflight import ConfigError, check_fp8_support
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-under-test")
+    precision = PrecisionConfig(bf16=True, fp8_format="hybrid", fp8_recipe=recipe, transformer_impl=impl)
+    if error is None:
+        check_fp8_support(precision)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            check_fp8_support(precision)

@@ -1,19 +1,17 @@
 """pretrain_pref end to end on CPU/gloo: step-0 identity, resume, resharding, the reference
-cache, every loss, the demo learning, and bad input."""
+cache, every loss, the demo learning (bad input: test_inputs.py)."""
 
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from megatron_pref.arguments import parse_run_config
+from megatron_pref.arguments import ConfigError, parse_run_config
 from megatron_pref.model import ParallelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,7 +369,7 @@ def test_reference_cache_sees_a_same_size_edit_in_the_middle_of_the_data(distrib
     Negative control: an identical copy in another directory hits the cache."""
     import shutil
 
-    from tests.test_fingerprint import MIB, swap_chosen_rejected_near, write_padded_jsonl
+    from tests.test_data_fingerprint import MIB, swap_chosen_rejected_near, write_padded_jsonl
 
     cache = tmp_path / "cache"
     train_file = write_padded_jsonl(tmp_path / "train.jsonl")
@@ -572,88 +570,6 @@ def torchrun_cli(nproc, args, timeout=300, env_extra=None, script=REPO / "pretra
                           capture_output=True, text=True, timeout=timeout)
 
 
-def error_lines(stderr: str) -> list:
-    """Our one-line errors (``error: ...``, ``[rank N] error: ...``), without torchrun's own lines."""
-    return [line for line in stderr.splitlines() if re.match(r"(\[rank \d+\] )?(error|stopped): ", line)]
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--loss", "nope"], "--loss 'nope' is unknown"),
-    (["--beta", "0"], "beta"),
-    (["--data-path", "/no/such/file.jsonl", "--tokenizer-type", "SentencePieceTokenizer",
-      "--tokenizer-model", "/no/such/tok.model"], "--tokenizer-model /no/such/tok.model: no such file"),
-    (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], "--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
-    (["--num-attention-heads", "3", "--hidden-size", "96", "--tensor-model-parallel-size", "2"],
-     "--num-attention-heads 3 is not divisible by --tensor-model-parallel-size 2"),
-    (["--tensor-model-parallel-size", "2"], "world size 1 is not divisible by --tensor-model-parallel-size 2"),
-    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
-    (["--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
-    (["--load", "/no/such/dir"], "--load /no/such/dir: no such directory"),
-    (["--ref-load", "/tmp", "--loss", "slime"], "reference-free"),
-    (["--loss", "dpo,sft", "--loss-weights", "1"], "--loss-weights has 1 weight(s) for the 2 loss(es) of --loss dpo,sft"),
-    (["--loss", "sigmoid"], "TRL's 'sigmoid' is our 'dpo'"),
-    (["--loss", "bco_pair", "--f-divergence-type", "js_divergence"], "does not apply to --loss bco_pair"),
-    (["--loss", "exo_pair"], "needs --label-smoothing > 0"),
-])
-def test_bad_input_is_one_line(args, message):
-    out = run_cli(args + ["--no-progress-bar"], timeout=120)
-    assert out.returncode == 2, out.stderr
-    lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--overlap-param-gather", "--overlap-grad-reduce"], "--overlap-param-gather needs --use-distributed-optimizer"),
-    (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather needs --overlap-grad-reduce"),
-])
-def test_flag_dependencies_are_checked_before_any_work(args, message):
-    from megatron_pref.arguments import ConfigError
-
-    with pytest.raises(ConfigError, match=message):
-        parse_run_config(args)
-    parse_run_config(args + ["--use-distributed-optimizer", "--overlap-grad-reduce"])  # complete: accepted
-
-
-@pytest.mark.parametrize("late_rank", [0, 1])
-def test_global_batch_not_divisible_by_data_parallel_size(late_rank):
-    """An error every rank finds alike is printed once, whichever rank fails first: the other
-    rank starts 60 s late and torchrun stops it when the first one exits (rank 0 used to be
-    the only one to print, so the line was lost when rank 1 failed first)."""
-    out = torchrun_cli(2, ["--global-batch-size", "7", "--no-progress-bar"], timeout=300,
-                       env_extra={f"TEST_SLEEP_RANK_{late_rank}": "60"})
-    assert out.returncode != 0
-    assert error_lines(out.stderr) == ["error: --global-batch-size 7 is not divisible by the data-parallel size 2"], \
-        out.stderr[-2000:]
-    # torchrun reports the failed worker with its own launcher traceback; ours must not appear.
-    assert "pretrain_pref.py\", line" not in out.stderr and "megatron_pref/" not in out.stderr
-
-
-def test_an_error_of_one_rank_is_printed_by_that_rank():
-    """A node with one GPU and two ranks: rank 1 has none. Its error is its own (rank 0 waits
-    for it in the rendezvous), so it is printed with the rank."""
-    out = torchrun_cli(2, ["--transformer-impl", "local", "--train-iters", "1", "--no-progress-bar"], timeout=300,
-                       env_extra={"TEST_GPUS": "1"})
-    assert out.returncode != 0
-    assert error_lines(out.stderr) == ["[rank 1] error: local rank 1 has no GPU: this node has 1; launch at most "
-                                       "--nproc-per-node 1"], out.stderr[-2000:]
-
-
-def test_missing_data_file_is_one_line(tmp_path):
-    from megatron_pref.data import demo_task
-
-    out = run_cli(["--data-path", str(tmp_path / "missing.jsonl"), "--tokenizer-type", "SentencePieceTokenizer",
-                   "--tokenizer-model", demo_task.demo_tokenizer_path()])
-    assert out.returncode == 2 and "missing.jsonl" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_load_with_a_different_architecture_names_the_field(distributed, tmp_path, tiny):
-    run_training(distributed, 1, tiny + ["--loss", "sft", "--train-iters", "1", "--save", str(tmp_path / "c")])
-    out = run_cli(tiny + ["--loss", "sft", "--load", str(tmp_path / "c"), "--hidden-size", "48"])
-    assert out.returncode == 2
-    assert "--hidden-size 48 differs from the --load checkpoint's hidden_size=32" in out.stderr
-
-
 def test_defaults_under_megatron_lm_names(tiny):
     """Megatron-LM's defaults (--lr-decay-style linear, --log-interval 100), one learning-rate
     default for flags and OptimConfig (TRL's 1e-6, documented); the demo's recipe keeps cosine."""
@@ -665,7 +581,7 @@ def test_defaults_under_megatron_lm_names(tiny):
     demo = parse_run_config([])
     assert (demo.optim.lr_decay_style, demo.optim.lr) == ("cosine", 2e-3)
     assert parse_run_config(["--lr-decay-style", "constant"]).optim.lr_decay_style == "constant"
-    with pytest.raises(ValueError, match="--min-lr 1e-05 is above --lr 1e-06"):
+    with pytest.raises(ConfigError, match="--min-lr 1e-05 is above --lr 1e-06"):
         parse_run_config(tiny[:8] + ["--min-lr", "1e-5"])
 
 
@@ -727,23 +643,3 @@ def test_demo_learns(tmp_path):
     before, after = evals[0]["eval/rewards/accuracies"], evals[-1]["eval/rewards/accuracies"]
     assert after > 0.75, (before, after)
     assert "held-out preference accuracy" in out.stdout
-
-
-@pytest.mark.parametrize("impl,recipe,capability,error", [
-    ("local", "tensorwise", (9, 0), "needs Transformer Engine"),
-    ("transformer_engine", "mxfp8", (9, 0), "mxfp8 needs compute capability 10.0"),
-    ("transformer_engine", "mxfp8", (10, 0), None),
-    ("transformer_engine", "blockwise", (9, 0), None),
-])
-def test_fp8_support_is_checked_before_any_work(monkeypatch, impl, recipe, capability, error):
-    from megatron_pref.model import PrecisionConfig
-    from megatron_pref.preflight import ConfigError, check_fp8_support
-
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-under-test")
-    precision = PrecisionConfig(bf16=True, fp8_format="hybrid", fp8_recipe=recipe, transformer_impl=impl)
-    if error is None:
-        check_fp8_support(precision)
-    else:
-        with pytest.raises(ConfigError, match=error):
-            check_fp8_support(precision)

@@ -2,6 +2,7 @@
 
 from megatron_pref.errors import UserError
 
+from megatron_pref.errors import UserError
 
 class ConversionError(UserError):
     """A problem with the user's input or options, reported as one line (``error: ...``).

@@ -26,6 +26,7 @@ _EXPORTS = {
     # packing
     "PackedBatch": "packing", "PackedPairLoader": "packing", "PairSource": "packing",
     "LoaderStats": "packing", "PaddedBatch": "packing", "build_packed_batch": "packing",
+    "build_pack": "packing", "pad_pack": "packing",
     "first_fit_decreasing": "packing", "packed_to_padded": "packing", "scatter_to_padded": "packing",
     "per_sequence_sum": "packing", "split_chosen_rejected": "packing", "compute_pad_multiple": "packing",
     "iter_packs_once": "packing",

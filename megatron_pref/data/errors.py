@@ -1,7 +1,9 @@
 """Error types of the preference data pipeline."""
 
+from megatron_pref.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A problem with the user's data, files or options.
 
     ``str(err)`` is one self-contained line (it names the file and line/row

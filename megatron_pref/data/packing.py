@@ -16,7 +16,12 @@ Pack layout (one pack = one micro-batch, all tensors 1-D):
   non-empty); prompt tokens never carry loss;
 * ``position_ids`` restart at 0 at every sequence (padding counts 0, 1, ...);
 * ``cu_seqlens`` (int32, ``[S+1]``) covers real sequences only,
-  ``cu_seqlens[-1] == num_real_tokens <= T``.
+  ``cu_seqlens[-1] == num_real_tokens <= T``; the padding tail belongs to no sequence
+  (``logprobs.sequence_ids`` labels it ``S``, one past the last sequence).
+
+One builder lays this out (:func:`build_pack`, with :func:`build_packed_batch` for pairs) and
+one function pads it (:func:`pad_pack`); training, generation, the engine's interleaving
+fillers and the tests all use them.
 
 Packs are filled first-fit-decreasing with at most ``seq_length`` real tokens.
 """
@@ -30,6 +35,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from megatron_pref.logprobs import sequence_ids
 
 from .errors import DataError
 from .pairs import TokenizedPair, plan_lengths, truncate_pair, validate_length_options
@@ -92,7 +99,7 @@ class PackedBatch:
         return self._response_tokens(True)
 
     def sequence_ids(self) -> torch.Tensor:
-        """``[T]`` index of the sequence each position belongs to (-1 for padding)."""
+        """``[T]`` index of the sequence each position belongs to (``S`` for the padding tail)."""
         return sequence_ids(self.cu_seqlens, self.pack_length)
 
     def to(self, device, non_blocking: bool = False) -> "PackedBatch":
@@ -127,6 +134,63 @@ def compute_pad_multiple(fp8: bool = False, tensor_parallel: int = 1, sequence_p
     return m
 
 
+def build_pack(sequences: Sequence[Sequence[int]], prompt_lengths: Optional[Sequence[int]] = None,
+               pad_multiple: int = 1, pad_to: Optional[int] = None, pad_id: int = 0) -> PackedBatch:
+    """The one pack builder: ``sequences`` back to back, then the padding tail up to a multiple
+    of ``pad_multiple`` (at least ``pad_to`` tokens) by :func:`pad_pack`.
+
+    ``prompt_lengths[i]``: the loss covers the labels of sequence ``i`` from its prompt on
+    (None: no loss anywhere, as in generation). The sequences are of no pair
+    (``pair_ids`` empty); :func:`build_packed_batch` adds the pair layout. No sequences and
+    ``pad_to``: an empty pack, which adds nothing to the loss, the gradients or the pair count."""
+    seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    n_real = int(lens.sum())
+    tokens = np.concatenate(seqs) if seqs else np.zeros(0, dtype=np.int64)
+    labels = np.zeros(n_real, dtype=np.int64)
+    mask = np.zeros(n_real, dtype=np.float32)
+    pos = np.zeros(n_real, dtype=np.int64)
+    o = 0
+    for i, s in enumerate(seqs):
+        L = len(s)
+        labels[o:o + L - 1] = s[1:]
+        if prompt_lengths is not None:
+            mask[o + max(int(prompt_lengths[i]) - 1, 0): o + L - 1] = 1.0
+        pos[o:o + L] = np.arange(L)
+        o += L
+    cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+    cu[1:] = np.cumsum(lens)
+    pack = PackedBatch(
+        tokens=torch.from_numpy(tokens),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(mask),
+        position_ids=torch.from_numpy(pos),
+        cu_seqlens=torch.from_numpy(cu),
+        seq_pair_index=torch.zeros(len(seqs), dtype=torch.int64),
+        seq_is_chosen=torch.zeros(len(seqs), dtype=torch.bool),
+        pair_ids=torch.zeros(0, dtype=torch.int64),
+    )
+    return pad_pack(pack, round_up(max(n_real, pad_to or 0), max(1, int(pad_multiple))), pad_id)
+
+
+def pad_pack(pack: PackedBatch, length: int, pad_id: int = 0) -> PackedBatch:
+    """The one padding function: ``pack`` with its padding tail grown to ``length`` tokens (a
+    pack at least that long is returned as it is). The tail is outside every sequence: token
+    ``pad_id``, label 0, no loss, positions counting 0, 1, ... from the end of the last one."""
+    extra = length - pack.pack_length
+    if extra <= 0:
+        return pack
+    tail = pack.pack_length - pack.num_real_tokens + extra
+    return replace(
+        pack,
+        tokens=torch.cat([pack.tokens, pack.tokens.new_full((extra,), pad_id)]),
+        labels=torch.cat([pack.labels, pack.labels.new_zeros(extra)]),
+        loss_mask=torch.cat([pack.loss_mask, pack.loss_mask.new_zeros(extra)]),
+        position_ids=torch.cat([pack.position_ids[:pack.num_real_tokens],
+                                torch.arange(tail, dtype=pack.position_ids.dtype, device=pack.position_ids.device)]),
+    )
+
+
 def build_packed_batch(
     pairs: Sequence[TokenizedPair],
     pad_multiple: int = 1,
@@ -138,10 +202,10 @@ def build_packed_batch(
     """Lay out whole pairs in one pack (chosen of pair k = sequence 2k,
     rejected = 2k+1). ``pad_to``: minimum pack length before rounding to
     ``pad_multiple``. ``with_scores``: force score tensors on/off (default: on
-    if any pair has a score)."""
-    if not pairs:
+    if any pair has a score). No pairs: only with ``pad_to``, an empty pack
+    (the interleaved schedule's filler micro-batches)."""
+    if not pairs and not pad_to:
         raise ValueError("a pack needs at least one pair")
-    pad_multiple = max(1, int(pad_multiple))
     seqs: List[np.ndarray] = []
     prompt_lens: List[int] = []
     for pair in pairs:
@@ -149,25 +213,6 @@ def build_packed_batch(
         for resp in (pair.chosen_ids, pair.rejected_ids):
             seqs.append(np.concatenate([p, np.asarray(resp, dtype=np.int64)]))
             prompt_lens.append(len(p))
-    lens = np.array([len(s) for s in seqs], dtype=np.int64)
-    n_real = int(lens.sum())
-    T = round_up(max(n_real, pad_to or 0), pad_multiple)
-
-    tokens = np.full(T, pad_id, dtype=np.int64)
-    labels = np.zeros(T, dtype=np.int64)
-    mask = np.zeros(T, dtype=np.float32)
-    pos = np.zeros(T, dtype=np.int64)
-    o = 0
-    for s, lp in zip(seqs, prompt_lens):
-        L = len(s)
-        tokens[o:o + L] = s
-        labels[o:o + L - 1] = s[1:]
-        mask[o + max(lp - 1, 0): o + L - 1] = 1.0
-        pos[o:o + L] = np.arange(L)
-        o += L
-    pos[n_real:] = np.arange(T - n_real)
-    cu = np.zeros(len(seqs) + 1, dtype=np.int32)
-    cu[1:] = np.cumsum(lens)
     P = len(pairs)
     if pair_ids is None:
         pair_ids = [p.pair_id for p in pairs]
@@ -178,12 +223,8 @@ def build_packed_batch(
         sc = torch.tensor([np.nan if p.score_chosen is None else p.score_chosen for p in pairs], dtype=torch.float32)
         sr = torch.tensor([np.nan if p.score_rejected is None else p.score_rejected for p in pairs],
                           dtype=torch.float32)
-    return PackedBatch(
-        tokens=torch.from_numpy(tokens),
-        labels=torch.from_numpy(labels),
-        loss_mask=torch.from_numpy(mask),
-        position_ids=torch.from_numpy(pos),
-        cu_seqlens=torch.from_numpy(cu),
+    return replace(
+        build_pack(seqs, prompt_lens, pad_multiple, pad_to, pad_id),
         seq_pair_index=torch.arange(P, dtype=torch.int64).repeat_interleave(2),
         seq_is_chosen=torch.tensor([True, False] * P, dtype=torch.bool),
         pair_ids=torch.as_tensor(np.asarray(pair_ids, dtype=np.int64)),
@@ -215,23 +256,13 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> List[List[int]]
 
 
 # --------------------------------------------------------------------------- helpers for losses/tests
-def sequence_ids(cu_seqlens: torch.Tensor, pack_length: int) -> torch.Tensor:
-    """``[pack_length]`` sequence index of each position, -1 for the padding tail."""
-    from megatron_pref.logprobs import sequence_ids as pack_sequence_ids
-
-    ids = pack_sequence_ids(cu_seqlens, pack_length)
-    return torch.where(ids < cu_seqlens.numel() - 1, ids, torch.full_like(ids, -1))
-
-
 def per_sequence_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Sum a per-position tensor ``[T, ...]`` over each real sequence ->
     ``[S, ...]`` (padding ignored; differentiable)."""
-    from megatron_pref.logprobs import sequence_ids as pack_sequence_ids
-
     cu_seqlens = cu_seqlens.to(values.device)
     num_sequences = cu_seqlens.numel() - 1
     # Padding gets id S: summed into an extra row that is dropped.
-    ids = pack_sequence_ids(cu_seqlens, values.shape[0])
+    ids = sequence_ids(cu_seqlens, values.shape[0])
     out = values.new_zeros((num_sequences + 1,) + tuple(values.shape[1:]))
     return out.index_add(0, ids, values)[:num_sequences]
 

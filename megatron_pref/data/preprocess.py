@@ -8,8 +8,9 @@ Entry point of ``tools/preprocess_pref_data.py``; see ``docs/data.md``.
   flight so memory stays flat for inputs larger than RAM).
 * Output goes to temp files that are renamed into place only when every row
   has been processed; on any error they are removed.
-* Every error is printed as one line ``error: ...`` on stderr, exit status 2
-  (set ``PREF_DATA_DEBUG=1`` for a traceback).
+* Every error in the input or the flags (a :class:`DataError`, a ``UserError``) is printed as
+  one line ``error: ...`` on stderr, exit status 2; anything else is a bug and keeps its
+  traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import List, Optional
 import numpy as np
 
 from .datasets import PAIR_INDEX_DTYPE, PreferenceDatasetWriter, output_paths
+from ..errors import UserError
 from .errors import DataError
 from .pairs import ProcessOptions, ProcessStats, process_row, validate_length_options
 from .readers import PARQUET_SUFFIXES, RawChunk, check_input_files, decode_payload, iter_raw_chunks, parse_field_map
@@ -66,8 +68,8 @@ def _process_chunk(chunk: RawChunk):
             ))
     except DataError as e:
         return len(chunk.items), None, None, None, stats, str(e)
-    except Exception as e:  # a bug: still one line
-        return len(chunk.items), None, None, None, stats, f"{where}: internal error: {type(e).__name__}: {e}"
+    except Exception as e:  # a bug: its traceback, plus the row it failed on
+        raise RuntimeError(f"{where}: internal error: {type(e).__name__}: {e}") from e
     tokens = np.concatenate(toks).astype(np.int32) if toks else np.zeros(0, np.int32)
     lengths = np.asarray(lens, dtype=np.int64).reshape(-1, 3)
     records = np.array(recs, dtype=PAIR_INDEX_DTYPE)
@@ -244,18 +246,12 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         res = run(args)
-    except DataError as e:
+    except UserError as e:  # DataError and the other bad inputs; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; no output written", file=sys.stderr)
         return 130
-    except Exception as e:  # never a traceback unless asked for
-        if os.environ.get("PREF_DATA_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: internal error: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 2
     st: ProcessStats = res["stats"]
     rate = st.rows / max(res["elapsed"], 1e-9)
     print(f"wrote {st.pairs} pairs to {args.output_prefix}.{{bin,idx,pairs.npy,meta.json}}")
