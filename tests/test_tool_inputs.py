@@ -179,11 +179,13 @@ def damaged(models):
     """A real conversion of the `models` GPT-2 (tensors and checksums), 256 bytes of its tensor
     file overwritten in place: same length (tests/test_inputs.py damages training checkpoints
     the same way)."""
-    from megatron_pref.convert.cli import hf_to_megatron_main
     from tests.test_inputs import _damage_tensor_bytes
 
     directory = models["root"] / "damaged_mc"
-    assert hf_to_megatron_main(["--hf-dir", str(models["hf"]), "--save", str(directory)]) == 0
+    # A subprocess: an in-process save leaves dist_checkpointing's writer process and thread
+    # behind, and the gloo ranks the later tests fork from this process then hang.
+    (done,) = run_tools(("convert_hf_to_megatron.py", "--hf-dir", models["hf"], "--save", directory))
+    assert done.returncode == 0, done.stderr[-2000:]
     _damage_tensor_bytes(directory / iteration_name(0))
     return directory
 
@@ -206,11 +208,11 @@ def test_damaged_checkpoint_exports_only_without_the_check(damaged, models, tmp_
     failure the check prevents)."""
     from safetensors.torch import load_file
 
-    from megatron_pref.convert.cli import megatron_to_hf_main
-
-    assert megatron_to_hf_main(["--load", str(damaged), "--save", str(tmp_path / "out"),
-                                "--no-verify-checksums"]) == 0
-    assert "error" not in capsys.readouterr().err
+    # A subprocess, like the `damaged` fixture's conversion: an in-process load leaves state
+    # behind that hangs the gloo ranks later tests fork from this process.
+    (done,) = run_tools(("convert_megatron_to_hf.py", "--load", damaged, "--save", tmp_path / "out",
+                         "--no-verify-checksums"))
+    assert done.returncode == 0 and "error" not in done.stderr, done.stderr[-2000:]
 
     def tensors(directory):
         return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
