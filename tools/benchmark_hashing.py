@@ -128,6 +128,7 @@ def _demo_save_seconds(megabytes: int, repeats: int, directory: str) -> dict:
     import torch
 
     from megatron_pref.convert import checkpoint_io
+    from megatron_pref import checkpoint_format
     from megatron_pref.convert.runtime import single_process_parallel_state
     from megatron_pref.model import ModelConfig, ParallelConfig, PrecisionConfig, build_gpt_model
 
@@ -143,7 +144,7 @@ def _demo_save_seconds(megabytes: int, repeats: int, directory: str) -> dict:
             for label in ("without", "with"):
                 target = os.path.join(directory, f"ck_{label}_{i}")
                 torch.distributed.barrier()
-                skip = mock.patch.object(checkpoint_io, "write_checksums", lambda d: None)
+                skip = mock.patch.object(checkpoint_format, "write_checksums", lambda d: None)
                 with skip if label == "without" else contextlib.nullcontext():
                     start = time.perf_counter()
                     path = checkpoint_io.save_model_checkpoint(model, cfg, target)
