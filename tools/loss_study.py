@@ -43,6 +43,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable(argv: list) -> list:
+    """``argv`` with the package's bundled files named relative to the repository, so that the
+    reproduce commands hold on any checkout (they are recorded as absolute paths)."""
+    marker = "/megatron_pref/assets/"
+    return [("megatron_pref/assets/" + a.split(marker, 1)[1]) if os.path.isabs(a) and marker in a else a
+            for a in argv]
 sys.path.insert(0, str(ROOT))  # the library next to this tool, not another install
 
 LOSSES = ("dpo", "spo", "slime", "ipo", "simpo")
@@ -386,7 +394,7 @@ def run_study(args, sizes: dict, out: Path) -> dict:
         if args.user_load is not None:
             base = _without_flag(base, "--load")
         argv = base + flags
-        results["commands"][f"prep/{name}"] = argv
+        results["commands"][f"prep/{name}"] = portable(argv)
         seconds, stopped = train_once(argv, prep_dir / f"{name}_run", study=False)
         if stopped:
             raise StudyError(f"prep/{name} {stopped}")
@@ -413,7 +421,7 @@ def run_study(args, sizes: dict, out: Path) -> dict:
             flags.append("--spo-target-from-scores")
         flags += LOSS_FLAGS.get(loss, []) + args.extra_of.get(loss, [])
         argv = base + data_flags + flags
-        results["commands"][f"{scenario}/{loss}"] = argv
+        results["commands"][f"{scenario}/{loss}"] = portable(argv)
         run_dir = runs_dir / scenario / loss
         seconds, stopped = train_once(argv, run_dir, study=True)
         summary = read_metrics(run_dir / "metrics.jsonl")
@@ -972,7 +980,7 @@ def write_report(results, out: Path, command: str) -> None:
               "The study:", "", "```", command, "```", "",
               "Each training run (as `megatron_pref.training.train` parses them, the same as pretrain_pref.py's flags; "
               "the tool adds `--metrics-file` and switches on `megatron_pref.study_metrics`):", "", "```"]
-    lines += [f"{name}: {' '.join(shlex.quote(a) for a in argv)}" for name, argv in results["commands"].items()]
+    lines += [f"{name}: {' '.join(shlex.quote(a) for a in portable(argv))}" for name, argv in results["commands"].items()]
     lines += ["```", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
 
