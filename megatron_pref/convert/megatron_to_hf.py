@@ -68,7 +68,8 @@ def convert_megatron_to_hf(load_dir, save_dir, *, force: bool = False, model_typ
         model = build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(bf16=stored == torch.bfloat16,
                                                                        transformer_impl="local"),
                                 perform_initialization=False)
-        load_model_checkpoint(model, load_dir, iteration=iteration, verify=verify)
+        # The files were verified above, before anything was built: not hashed again here.
+        load_model_checkpoint(model, load_dir, iteration=iteration, verify=False)
         state = model.state_dict()
         te = uses_te_names(state)
         vocab = cfg.vocab_size
